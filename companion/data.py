@@ -1,0 +1,185 @@
+"""Checksummed data files: ``data/manifest.json`` maps each file under ``data/`` to its sha256, size,
+source and licence.
+
+Inside a checkout the file is read from ``data/`` and verified; outside one (e.g. on Colab after
+``pip install``) it is downloaded from the repository into a cache, verified while streaming, and moved
+into place only when its sum matches, so no partial or corrupted file is ever left behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import urllib.request
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from companion._meta import REPOSITORY_URL
+
+MANIFEST_NAME = "manifest.json"
+_PACKAGED_MANIFEST = Path(__file__).with_name("_data_manifest.json")  # copied in by the wheel build
+_CHUNK = 1 << 20
+
+
+class DataError(RuntimeError):
+    """A data file is unknown, missing or does not match its manifest entry."""
+
+
+class DataChecksumError(DataError):
+    """A data file's sha256 differs from the manifest."""
+
+
+@dataclass(frozen=True)
+class DataFile:
+    """One manifest entry."""
+
+    name: str  # path relative to data/, with forward slashes
+    sha256: str  # hex digest of the file's bytes
+    size: int  # bytes
+    source: str  # where it comes from (registry package and version, or "written for this book")
+    license: str  # licence of the content
+    description: str = ""  # what it holds, counts, what was changed
+
+
+def checkout_data_dir() -> Path | None:
+    """``data/`` of the source checkout this package was imported from, or None for an installed wheel."""
+    candidate = Path(__file__).resolve().parent.parent / "data"
+    return candidate if (candidate / MANIFEST_NAME).is_file() else None
+
+
+def _manifest_file() -> Path:
+    root = checkout_data_dir()
+    if root is not None:
+        return root / MANIFEST_NAME
+    if _PACKAGED_MANIFEST.is_file():
+        return _PACKAGED_MANIFEST
+    raise DataError("no data manifest found: neither a checkout's data/manifest.json nor a packaged copy")
+
+
+def load_manifest(path: Path | None = None) -> dict[str, DataFile]:
+    """Read the manifest (the checkout's, else the copy packaged with the wheel)."""
+    raw = json.loads((path or _manifest_file()).read_text(encoding="utf-8"))
+    return {name: DataFile(name=name, **entry) for name, entry in raw["files"].items()}
+
+
+def write_manifest(entries: dict[str, DataFile], path: Path) -> None:
+    """Write the manifest atomically, sorted by name (used by ``prepare-data``)."""
+    files = {}
+    for name in sorted(entries):
+        entry = asdict(entries[name])
+        del entry["name"]
+        files[name] = entry
+    text = json.dumps({"files": files}, ensure_ascii=False, indent=2) + "\n"
+    _atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def sha256sum(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def describe(path: Path, name: str, source: str, license: str, description: str = "") -> DataFile:
+    """A manifest entry for an existing file."""
+    return DataFile(name, sha256sum(path), path.stat().st_size, source, license, description)
+
+
+_verified: dict[tuple[str, int, int], str] = {}
+
+
+def _verify(path: Path, entry: DataFile, fix: str) -> None:
+    stat = path.stat()
+    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    actual = _verified.get(key) or sha256sum(path)
+    if actual != entry.sha256:
+        raise DataChecksumError(
+            f"data file {entry.name!r} does not match the manifest: expected sha256 {entry.sha256}, "
+            f"got {actual} ({path}). {fix}"
+        )
+    _verified[key] = actual
+
+
+def cache_dir() -> Path:
+    """Where downloaded data files go: $COMPANION_DATA_DIR, else ~/.cache/companion/data."""
+    env = os.environ.get("COMPANION_DATA_DIR")
+    return Path(env) if env else Path.home() / ".cache" / "companion" / "data"
+
+
+def base_url() -> str:
+    """Where files are downloaded from: $COMPANION_DATA_URL, else the repository's raw files."""
+    env = os.environ.get("COMPANION_DATA_URL")
+    if env:
+        return env.rstrip("/")
+    revision = os.environ.get("COMPANION_DATA_REVISION", "main")
+    owner_repo = REPOSITORY_URL.removeprefix("https://github.com/")
+    return f"https://raw.githubusercontent.com/{owner_repo}/{revision}/data"
+
+
+def data_path(name: str, manifest: dict[str, DataFile] | None = None) -> Path:
+    """Local path of data file ``name`` (e.g. ``"poetry/tang.jsonl.gz"``), verified against the manifest.
+
+    In a checkout: ``data/<name>``. Otherwise: downloaded once into :func:`cache_dir`.
+    """
+    manifest = load_manifest() if manifest is None else manifest
+    if name not in manifest:
+        raise DataError(f"unknown data file {name!r}; the manifest lists: {', '.join(sorted(manifest)) or 'nothing'}")
+    entry = manifest[name]
+    root = checkout_data_dir()
+    if root is not None:
+        path = root / name
+        fix = f"Restore it with `git checkout -- data/{name}` or regenerate it with `python -m companion prepare-data`."
+        if not path.is_file():
+            raise DataError(f"data file {name!r} is listed in the manifest but missing at {path}. {fix}")
+        _verify(path, entry, fix)
+        return path
+    path = cache_dir() / name
+    if path.is_file():
+        try:
+            _verify(path, entry, "")
+            return path
+        except DataChecksumError:
+            path.unlink()  # a stale or damaged cached copy: fetch it again
+    return download(entry, f"{base_url()}/{name}", path)
+
+
+def download(entry: DataFile, url: str, dest: Path) -> Path:
+    """Stream ``url`` into ``dest``, hashing as it goes; keep it only if the sha256 matches ``entry``."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    try:
+        digest = hashlib.sha256()
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
+            for chunk in iter(lambda: response.read(_CHUNK), b""):
+                digest.update(chunk)
+                out.write(chunk)
+        actual = digest.hexdigest()
+        if actual != entry.sha256:
+            raise DataChecksumError(
+                f"download of data file {entry.name!r} from {url} does not match the manifest: expected sha256 "
+                f"{entry.sha256}, got {actual}. Nothing was kept; check the revision "
+                f"(COMPANION_DATA_REVISION) or the mirror (COMPANION_DATA_URL) and try again."
+            )
+        os.replace(tmp, dest)
+        return dest
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _atomic_write_bytes(path: Path, payload: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
