@@ -1,0 +1,126 @@
+"""Scaling arithmetic: training compute, FLOPs per token, compute-optimal model size, weight memory.
+
+References: the C ~= 6ND rule and FLOPs per token from Kaplan et al. 2020 ("Scaling Laws for Neural
+Language Models", Table 1); the compute-optimal split and the fitted loss law
+L(N, D) = E + A / N**alpha + B / D**beta from Hoffmann et al. 2022 ("Training Compute-Optimal Large
+Language Models", Approach 3, eq. 10; the ~20 tokens per parameter of its Table 3).
+Design: plain floats in, floats out; every count must be positive and finite, else ``ValueError``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+CHINCHILLA_TOKENS_PER_PARAM = 20.0  # Hoffmann et al. 2022, Table 3: ~20 training tokens per parameter
+
+# Bytes needed to store one parameter in each storage format (int4 packs two weights per byte).
+BYTES_PER_PARAM: dict[str, float] = {
+    "fp32": 4.0,
+    "fp16": 2.0,
+    "bf16": 2.0,
+    "fp8": 1.0,
+    "int8": 1.0,
+    "int4": 0.5,
+}
+
+
+def _positive(name: str, value: float) -> float:
+    """Return ``value`` as a float if it is a positive finite number, else raise naming it."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be positive and finite, got {value!r}")
+    return float(value)
+
+
+def flops_per_token(n_params: float, training: bool = True) -> float:
+    """FLOPs per token for a dense Transformer with ``n_params`` non-embedding parameters.
+
+    Forward pass ~= 2N (one multiply and one add per weight); training = forward + backward ~= 6N,
+    since the backward pass costs about twice the forward (Kaplan et al. 2020). The attention term
+    2 * n_layers * n_ctx * d_model is left out; it is small while n_ctx << 12 * d_model.
+    """
+    n = _positive("n_params", n_params)
+    return (6.0 if training else 2.0) * n
+
+
+def training_flops(n_params: float, n_tokens: float) -> float:
+    """Total training compute C ~= 6 * N * D in FLOPs (N parameters, D training tokens)."""
+    return flops_per_token(n_params, training=True) * _positive("n_tokens", n_tokens)
+
+
+def chinchilla_optimal(
+    compute: float, tokens_per_param: float = CHINCHILLA_TOKENS_PER_PARAM
+) -> tuple[float, float]:
+    """Compute-optimal ``(n_params, n_tokens)`` for a budget of ``compute`` FLOPs under the rule of thumb
+    D = r * N (r ~= 20, Hoffmann et al. 2022): from C = 6 N D = 6 r N**2, N = sqrt(C / (6 r)), D = r N."""
+    c = _positive("compute", compute)
+    r = _positive("tokens_per_param", tokens_per_param)
+    n = math.sqrt(c / (6.0 * r))
+    return n, r * n
+
+
+@dataclass(frozen=True)
+class ChinchillaLaw:
+    """Parametric loss L(N, D) = E + A / N**alpha + B / D**beta (Hoffmann et al. 2022, eq. 2)."""
+
+    E: float  # irreducible loss: entropy of natural text (nats per token)
+    A: float  # scale of the finite-model-size term
+    B: float  # scale of the finite-data term
+    alpha: float  # exponent of model size N
+    beta: float  # exponent of training tokens D
+
+    def __post_init__(self) -> None:
+        for name in ("A", "B", "alpha", "beta"):
+            _positive(name, getattr(self, name))
+        if isinstance(self.E, bool) or not isinstance(self.E, (int, float)) or not math.isfinite(self.E) or self.E < 0:
+            raise ValueError(f"E must be a non-negative finite number, got {self.E!r}")
+
+    @classmethod
+    def hoffmann2022(cls) -> ChinchillaLaw:
+        """The fit reported by Hoffmann et al. 2022 (Approach 3, Section 3.3)."""
+        return cls(E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28)
+
+    def loss(self, n_params: float, n_tokens: float) -> float:
+        """Predicted final training loss (nats per token) of N parameters trained on D tokens."""
+        n = _positive("n_params", n_params)
+        d = _positive("n_tokens", n_tokens)
+        return self.E + self.A / n**self.alpha + self.B / d**self.beta
+
+    @property
+    def exponents(self) -> tuple[float, float]:
+        """(a, b) with N_opt ∝ C**a and D_opt ∝ C**b: a = beta / (alpha + beta), b = alpha / (alpha + beta)."""
+        s = self.alpha + self.beta
+        return self.beta / s, self.alpha / s
+
+    def compute_optimal(self, compute: float) -> tuple[float, float]:
+        """Minimise L(N, D) subject to 6 N D = C (Hoffmann et al. 2022, eq. 4):
+        N_opt = G (C/6)**a, D_opt = (C/6)**b / G with G = (alpha A / (beta B))**(1 / (alpha + beta))."""
+        c6 = _positive("compute", compute) / 6.0
+        a, b = self.exponents
+        g = (self.alpha * self.A / (self.beta * self.B)) ** (1.0 / (self.alpha + self.beta))
+        return g * c6**a, c6**b / g
+
+
+def weight_memory_bytes(n_params: float, precision: str = "bf16") -> float:
+    """Bytes to hold ``n_params`` weights in ``precision`` (weights only: no gradients, optimizer
+    states, activations or KV cache)."""
+    n = _positive("n_params", n_params)
+    if precision not in BYTES_PER_PARAM:
+        raise ValueError(f"precision must be one of {sorted(BYTES_PER_PARAM)}, got {precision!r}")
+    return n * BYTES_PER_PARAM[precision]
+
+
+def gpt2_param_count(n_layers: int, d_model: int, vocab_size: int, n_ctx: int) -> int:
+    """Exact parameter count of a GPT-2 style decoder (learned positions, biases, tied output head).
+
+    Per block: LayerNorm 2C, QKV C*3C + 3C, attention output C*C + C, LayerNorm 2C, MLP C*4C + 4C and
+    4C*C + C, i.e. 12 C**2 + 13 C. Plus token embeddings V*C, position embeddings n_ctx*C and the final
+    LayerNorm 2C. The 12 * n_layers * C**2 term is Kaplan et al.'s non-embedding approximation.
+    """
+    for name, value in (("n_layers", n_layers), ("d_model", d_model), ("vocab_size", vocab_size), ("n_ctx", n_ctx)):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    c = d_model
+    return n_layers * (12 * c * c + 13 * c) + vocab_size * c + n_ctx * c + 2 * c

@@ -1,0 +1,125 @@
+"""companion.scaling against published figures (Brown et al. 2020, Hoffmann et al. 2022, GPT-2)."""
+
+import math
+
+import pytest
+import torch
+
+from companion.scaling import (
+    BYTES_PER_PARAM,
+    CHINCHILLA_TOKENS_PER_PARAM,
+    ChinchillaLaw,
+    chinchilla_optimal,
+    flops_per_token,
+    gpt2_param_count,
+    training_flops,
+    weight_memory_bytes,
+)
+
+
+def test_gpt3_training_compute_matches_paper():
+    # Brown et al. 2020, Table D.1: GPT-3 175B, 300B training tokens, total compute 3.14e23 FLOPs.
+    # 6 * 175e9 * 300e9 = 3.15e23; the paper's count differs by 0.3% (it uses the exact parameter count).
+    assert training_flops(175e9, 300e9) == pytest.approx(6 * 175e9 * 300e9, rel=1e-12)
+    assert training_flops(175e9, 300e9) == pytest.approx(3.14e23, rel=0.01)
+
+
+def test_chinchilla_uses_gopher_budget_and_20_tokens_per_param():
+    # Hoffmann et al. 2022: Chinchilla (70B params, 1.4T tokens) was trained with Gopher's budget,
+    # 5.76e23 FLOPs. 6 * 70e9 * 1.4e12 = 5.88e23, within 3% (the paper counts FLOPs in more detail).
+    assert training_flops(70e9, 1.4e12) == pytest.approx(5.76e23, rel=0.03)
+    assert 1.4e12 / 70e9 == pytest.approx(CHINCHILLA_TOKENS_PER_PARAM)
+
+
+@pytest.mark.parametrize(
+    # Hoffmann et al. 2022, Table 3 (Approach 1): parameters, FLOPs, tokens.
+    "n_params, compute, n_tokens",
+    [(400e6, 1.92e19, 8.0e9), (1e9, 1.21e20, 20.2e9), (10e9, 1.23e22, 205.1e9), (67e9, 5.76e23, 1.5e12)],
+)
+def test_rule_of_thumb_reproduces_table3(n_params, compute, n_tokens):
+    # N = sqrt(C / 120), D = 20 N. Table 3's ratios D/N run from 20.0 to 22.4 and its entries are rounded
+    # (6 * 67e9 * 1.5e12 = 6.03e23, not 5.76e23); the 67B row is off by 3.4% in N and 7.6% in D, so 8%.
+    n, d = chinchilla_optimal(compute)
+    assert n == pytest.approx(n_params, rel=0.08)
+    assert d == pytest.approx(n_tokens, rel=0.08)
+    assert 6 * n * d == pytest.approx(compute, rel=1e-12)  # the split spends exactly the budget
+
+
+def test_fitted_law_constants_and_exponents():
+    law = ChinchillaLaw.hoffmann2022()
+    assert (law.E, law.A, law.B, law.alpha, law.beta) == (1.69, 406.4, 410.7, 0.34, 0.28)
+    # a = beta / (alpha + beta) = 0.28 / 0.62 = 0.4516; the paper's Table 2 reports a = 0.46, b = 0.54
+    # for Approach 3 (from unrounded alpha, beta), so agreement to 0.01.
+    a, b = law.exponents
+    assert a == pytest.approx(0.46, abs=0.01)
+    assert b == pytest.approx(0.54, abs=0.01)
+    assert a + b == pytest.approx(1.0)
+
+
+def test_fitted_law_loss_by_hand():
+    # L(70e9, 1.4e12) = 1.69 + 406.4 / exp(0.34 ln 7e10) + 410.7 / exp(0.28 ln 1.4e12)
+    #                 = 1.69 + 406.4 / 4867.9 + 410.7 / 2517.2 = 1.69 + 0.08349 + 0.16316 = 1.93665
+    assert ChinchillaLaw.hoffmann2022().loss(70e9, 1.4e12) == pytest.approx(1.93665, abs=2e-4)
+
+
+def test_compute_optimal_minimises_the_law_on_the_budget():
+    law = ChinchillaLaw.hoffmann2022()
+    compute = 5.76e23
+    n_opt, d_opt = law.compute_optimal(compute)
+    assert 6 * n_opt * d_opt == pytest.approx(compute, rel=1e-9)
+    # Brute force: scan N on a fine log grid with D = C / (6N); the minimiser must agree.
+    grid = torch.logspace(9, 12, 3001, dtype=torch.float64)  # steps of 0.23% in N
+    losses = torch.tensor([law.loss(float(n), compute / (6 * float(n))) for n in grid], dtype=torch.float64)
+    n_best = float(grid[losses.argmin()])
+    assert n_opt == pytest.approx(n_best, rel=0.01)
+    assert law.loss(n_opt, d_opt) <= float(losses.min()) + 1e-12
+
+
+def test_flops_per_token_forward_and_training():
+    assert flops_per_token(1e9, training=False) == 2e9
+    assert flops_per_token(1e9) == 6e9
+
+
+def test_weight_memory():
+    # GPT-3 175B in bf16: 175e9 * 2 bytes = 350 GB; LLaMA-2 70B in int4: 35 GB.
+    assert weight_memory_bytes(175e9, "bf16") == 350e9
+    assert weight_memory_bytes(70e9, "int4") == 35e9
+    assert weight_memory_bytes(1, "fp32") == 4 * weight_memory_bytes(1, "int8")
+    assert set(BYTES_PER_PARAM) == {"fp32", "fp16", "bf16", "fp8", "int8", "int4"}
+
+
+def test_gpt2_param_count_matches_transformers():
+    transformers = pytest.importorskip("transformers")
+    # GPT-2 small (124,439,808) and a GPT-2 medium shape, built on the meta device (no memory, no download).
+    for n_layer, n_embd in [(12, 768), (24, 1024)]:
+        config = transformers.GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=n_embd // 64)
+        with torch.device("meta"):
+            model = transformers.GPT2LMHeadModel(config)
+        reference = sum(p.numel() for p in model.parameters())  # tied lm_head counted once
+        assert gpt2_param_count(n_layer, n_embd, config.vocab_size, config.n_positions) == reference
+    assert gpt2_param_count(12, 768, 50257, 1024) == 124_439_808
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, math.inf, math.nan])
+def test_non_positive_inputs_raise(bad):
+    with pytest.raises(ValueError, match="n_params must be positive"):
+        training_flops(bad, 1e9)
+    with pytest.raises(ValueError, match="n_tokens must be positive"):
+        training_flops(1e9, bad)
+    with pytest.raises(ValueError, match="compute must be positive"):
+        chinchilla_optimal(bad)
+    with pytest.raises(ValueError, match="compute must be positive"):
+        ChinchillaLaw.hoffmann2022().compute_optimal(bad)
+    with pytest.raises(ValueError, match="alpha must be positive"):
+        ChinchillaLaw(E=1.69, A=406.4, B=410.7, alpha=bad, beta=0.28)
+
+
+def test_other_bad_inputs_raise():
+    with pytest.raises(ValueError, match=r"precision must be one of .* got 'fp64'"):
+        weight_memory_bytes(1e9, "fp64")
+    with pytest.raises(TypeError, match="n_params must be a number, got '7B'"):
+        flops_per_token("7B")
+    with pytest.raises(ValueError, match="n_layers must be a positive int, got 0"):
+        gpt2_param_count(0, 768, 50257, 1024)
+    with pytest.raises(ValueError, match="E must be a non-negative"):
+        ChinchillaLaw(E=-1.0, A=1.0, B=1.0, alpha=0.3, beta=0.3)
