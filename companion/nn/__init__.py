@@ -1,0 +1,54 @@
+"""Neural-network building blocks of chapter 4: attention, positional encodings, norms, feed-forward, blocks.
+
+Shapes follow the package notation (B batch, T time, S source length, H heads, G key/value groups, D head dim,
+C model width). Later chapters build GPT, LLaMA, BERT and T5-style models from `TransformerBlock`.
+"""
+
+from companion.nn.attention import (
+    AttentionConfig,
+    KVCache,
+    KVCacheLike,
+    MultiHeadAttention,
+    causal_mask,
+    merge_masks,
+    padding_mask,
+    scaled_dot_product_attention,
+    to_additive,
+)
+from companion.nn.block import BlockConfig, TransformerBlock
+from companion.nn.layers import FeedForward, LayerNorm, RMSNorm, make_norm, swiglu_hidden
+from companion.nn.positional import (
+    LearnedPositionalEmbedding,
+    RotaryEmbedding,
+    SinusoidalPositionalEncoding,
+    alibi_bias,
+    alibi_slopes,
+    rotate_half,
+    sinusoidal_positions,
+)
+
+__all__ = [
+    "AttentionConfig",
+    "BlockConfig",
+    "FeedForward",
+    "KVCache",
+    "KVCacheLike",
+    "LayerNorm",
+    "LearnedPositionalEmbedding",
+    "MultiHeadAttention",
+    "RMSNorm",
+    "RotaryEmbedding",
+    "SinusoidalPositionalEncoding",
+    "TransformerBlock",
+    "alibi_bias",
+    "alibi_slopes",
+    "causal_mask",
+    "make_norm",
+    "merge_masks",
+    "padding_mask",
+    "rotate_half",
+    "scaled_dot_product_attention",
+    "sinusoidal_positions",
+    "swiglu_hidden",
+    "to_additive",
+]

@@ -1,0 +1,94 @@
+"""Normalisation and feed-forward layers of a Transformer block.
+
+LayerNorm from Ba et al. (2016); RMSNorm from Zhang & Sennrich (2019), which drops the mean and the bias; the
+position-wise feed-forward network of Vaswani et al. (2017) with GELU or ReLU, and the gated SwiGLU variant of
+Shazeer (2020) used by LLaMA. Norms compute in float32 and cast back, as LLaMA does.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+NormKind = Literal["layer", "rms"]
+FFNKind = Literal["gelu", "relu", "swiglu"]
+
+
+class LayerNorm(nn.Module):
+    """y = (x - mean) / sqrt(var + eps) * weight + bias over the last dimension (biased variance)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5, bias: bool = True) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        mean = h.mean(dim=-1, keepdim=True)
+        var = h.var(dim=-1, keepdim=True, unbiased=False)
+        y = (h - mean) * torch.rsqrt(var + self.eps) * self.weight
+        if self.bias is not None:
+            y = y + self.bias
+        return y.to(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    """y = x / sqrt(mean(x^2) + eps) * weight over the last dimension."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        y = h * torch.rsqrt(h.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return (y * self.weight).to(x.dtype)
+
+
+def make_norm(kind: NormKind, dim: int, eps: float = 1e-5, bias: bool = True) -> nn.Module:
+    """Build a "layer" (LayerNorm) or "rms" (RMSNorm) normalisation."""
+    if kind == "layer":
+        return LayerNorm(dim, eps=eps, bias=bias)
+    if kind == "rms":
+        return RMSNorm(dim, eps=eps)
+    raise ValueError(f"norm must be 'layer' or 'rms', got {kind!r}")
+
+
+class FeedForward(nn.Module):
+    """Position-wise FFN, (B, T, C) -> (B, T, C).
+
+    "gelu"/"relu": down(act(up(x))). "swiglu": down(silu(gate(x)) * up(x)), three matrices, so LLaMA takes the
+    hidden width as about 2/3 of 4C to keep the parameter count of the two-matrix version.
+    """
+
+    def __init__(self, dim: int, hidden: int, kind: FFNKind = "gelu", bias: bool = True, dropout: float = 0.0) -> None:
+        super().__init__()
+        if kind not in ("gelu", "relu", "swiglu"):
+            raise ValueError(f"ffn must be 'gelu', 'relu' or 'swiglu', got {kind!r}")
+        if hidden < 1:
+            raise ValueError(f"hidden width must be positive, got {hidden!r}")
+        self.kind = kind
+        self.up = nn.Linear(dim, hidden, bias=bias)
+        self.gate = nn.Linear(dim, hidden, bias=bias) if kind == "swiglu" else None
+        self.down = nn.Linear(hidden, dim, bias=bias)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate is not None:
+            h = F.silu(self.gate(x)) * self.up(x)  # (B, T, hidden)
+        elif self.kind == "gelu":
+            h = F.gelu(self.up(x))  # (B, T, hidden)
+        else:
+            h = F.relu(self.up(x))  # (B, T, hidden)
+        return self.dropout(self.down(h))
+
+
+def swiglu_hidden(dim: int, multiple_of: int = 64) -> int:
+    """LLaMA's SwiGLU width: 2/3 of 4 * dim, rounded up to a multiple of ``multiple_of``."""
+    hidden = int(2 * 4 * dim / 3)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
