@@ -1,0 +1,66 @@
+"""companion.nn.layers against nn.LayerNorm, nn.RMSNorm and transformers' LlamaMLP."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from companion.nn.layers import FeedForward, LayerNorm, RMSNorm, make_norm, swiglu_hidden
+
+
+def randomise(*modules: nn.Module) -> None:
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in (p for m in modules for p in m.parameters()):
+            p.copy_(torch.randn_like(p))
+
+
+def test_layernorm_matches_torch():
+    ours, ref = LayerNorm(24, eps=1e-5), nn.LayerNorm(24, eps=1e-5)
+    randomise(ours, ref)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(3, 7, 24) * 5 + 2
+    torch.testing.assert_close(ours(x), ref(x), rtol=1e-5, atol=1e-5)
+    no_bias = LayerNorm(24, bias=False)
+    torch.testing.assert_close(no_bias(x), F.layer_norm(x, (24,)), rtol=1e-5, atol=1e-5)
+
+
+def test_rmsnorm_matches_torch_and_keeps_dtype():
+    ours, ref = RMSNorm(24, eps=1e-6), nn.RMSNorm(24, eps=1e-6)
+    randomise(ref)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(3, 7, 24) * 5 + 2
+    torch.testing.assert_close(ours(x), ref(x), rtol=1e-5, atol=1e-5)
+    y = ours(x.bfloat16())
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), ref(x), rtol=2e-2, atol=2e-2)  # bf16 has 8 significant bits
+
+
+def test_swiglu_matches_transformers_llama_mlp():
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    config = LlamaConfig(hidden_size=32, intermediate_size=88, num_hidden_layers=1, vocab_size=16)
+    torch.manual_seed(0)
+    ref = LlamaMLP(config)
+    ours = FeedForward(32, 88, kind="swiglu", bias=False)
+    ours.load_state_dict({"gate.weight": ref.gate_proj.weight, "up.weight": ref.up_proj.weight,
+                          "down.weight": ref.down_proj.weight})
+    x = torch.randn(2, 5, 32)
+    torch.testing.assert_close(ours(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+def test_gelu_ffn_is_two_linears_around_gelu():
+    ffn = FeedForward(16, 64, kind="gelu")
+    x = torch.randn(2, 3, 16)
+    expected = F.linear(F.gelu(F.linear(x, ffn.up.weight, ffn.up.bias)), ffn.down.weight, ffn.down.bias)
+    torch.testing.assert_close(ffn(x), expected)
+
+
+def test_swiglu_width_and_errors():
+    assert swiglu_hidden(4096, multiple_of=256) == 11008  # LLaMA-7B
+    assert swiglu_hidden(768) == 2048
+    with pytest.raises(ValueError, match="got 'tanh'"):
+        FeedForward(8, 16, kind="tanh")
+    with pytest.raises(ValueError, match="got 'batch'"):
+        make_norm("batch", 8)
