@@ -1,0 +1,109 @@
+"""Notebook conventions, and proof that the reproduction check works: nbval catches an altered output,
+and a notebook executed from its own folder and from another folder gives the committed outputs."""
+
+import copy
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tools"))
+from notebooks import SETUP_CELL, notebooks  # noqa: E402
+
+NOTEBOOKS = notebooks()
+PROBE = ROOT / "book" / "appendix" / "environment.ipynb"  # fast, exercises the whole pipeline
+SANITIZE = [(re.compile(r"0x[0-9a-fA-F]{6,}"), "0xADDRESS"), (re.compile(r"(/private)?(/tmp|/var/folders)/[^\s'\"]+"), "TMPPATH")]
+
+
+def _ids(paths):
+    return [str(p.relative_to(ROOT)) for p in paths]
+
+
+def test_there_are_notebooks():
+    assert PROBE in NOTEBOOKS
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=_ids(NOTEBOOKS))
+def test_notebook_conventions(path):
+    nb = nbformat.read(path, as_version=4)
+    title, setup = nb.cells[0], nb.cells[1]
+    assert title.cell_type == "markdown" and title.source.startswith("# "), "cell 1 must be a '# title'"
+    assert setup.cell_type == "code" and setup.source == SETUP_CELL, "cell 2 must be tools/notebooks.py's SETUP_CELL"
+    assert nb.metadata["kernelspec"]["name"] == "python3"
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert all(c.get("execution_count") for c in code), "every code cell must be executed (outputs committed)"
+    for cell in code:
+        for out in cell.outputs:
+            assert out.output_type != "error", f"error output in: {cell.source[:60]!r}"
+            assert not (out.output_type == "stream" and out.name == "stderr"), f"stderr in: {cell.source[:60]!r}: {out.text[:200]!r}"
+    ignored = [c for c in code if "NBVAL_IGNORE_OUTPUT" in c.source]
+    assert len(ignored) <= max(1, len(code) // 10), f"{len(ignored)} of {len(code)} code cells are not compared"
+
+
+def test_every_notebook_is_in_the_table_of_contents():
+    toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
+    files = set(re.findall(r"file: ([^\s]+)", (ROOT / "_toc.yml").read_text())) | {toc["root"]}
+    for path in NOTEBOOKS:
+        assert str(path.relative_to(ROOT).with_suffix("")) in files, f"{path} is not in _toc.yml"
+    for entry in files:
+        assert any((ROOT / f"{entry}{ext}").is_file() for ext in (".md", ".ipynb")), f"_toc.yml lists missing {entry}"
+
+
+def _nbval(paths, cwd):
+    cmd = [sys.executable, "-m", "pytest", "--nbval", "--nbval-current-env", "-p", "no:cacheprovider",
+           "--nbval-sanitize-with", str(ROOT / "book" / "nbval_sanitize.cfg"),
+           "-c", str(cwd / "pytest.ini"), "--rootdir", str(cwd), "-q", "-rA", *map(str, paths)]
+    (cwd / "pytest.ini").write_text("[pytest]\n")
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+def test_nbval_fails_on_an_altered_output(tmp_path):
+    nb = nbformat.read(PROBE, as_version=4)
+    nbformat.write(nb, tmp_path / "original.ipynb")
+    altered = copy.deepcopy(nb)
+    cell = next(c for c in altered.cells if c.cell_type == "code" and "torch.softmax" in c.source)
+    text = cell.outputs[0].text
+    cell.outputs[0].text = text.replace("0.6590", "0.6591")
+    assert cell.outputs[0].text != text, "the probe notebook's softmax output changed; update this test"
+    nbformat.write(altered, tmp_path / "altered.ipynb")
+    result = _nbval([tmp_path / "original.ipynb", tmp_path / "altered.ipynb"], tmp_path)
+    summary = result.stdout
+    assert result.returncode == 1, summary[-2000:]
+    failed = re.findall(r"^FAILED (\S+)", summary, re.M)
+    assert failed and all(f.startswith("altered.ipynb") for f in failed), summary[-2000:]
+    assert re.search(r"^PASSED original\.ipynb", summary, re.M), summary[-2000:]
+
+
+def _outputs(nb):
+    """What nbval compares: text of streams and text/plain results, sanitized."""
+    result = []
+    for cell in nb.cells:
+        if cell.cell_type != "code" or "NBVAL_IGNORE_OUTPUT" in cell.source:
+            continue
+        texts = []
+        for out in cell.outputs:
+            text = out.get("text") or out.get("data", {}).get("text/plain", "")
+            for pattern, replacement in SANITIZE:
+                text = pattern.sub(replacement, text)
+            texts.append((out.output_type, text))
+        result.append(texts)
+    return result
+
+
+def _execute(path, cwd):
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(path, as_version=4)
+    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(cwd)}}).execute()
+    return nb
+
+
+def test_outputs_identical_from_another_working_directory(tmp_path):
+    committed = _outputs(nbformat.read(PROBE, as_version=4))
+    assert _outputs(_execute(PROBE, PROBE.parent)) == committed
+    assert _outputs(_execute(PROBE, tmp_path)) == committed
