@@ -107,3 +107,11 @@ def test_outputs_identical_from_another_working_directory(tmp_path):
     committed = _outputs(nbformat.read(PROBE, as_version=4))
     assert _outputs(_execute(PROBE, PROBE.parent)) == committed
     assert _outputs(_execute(PROBE, tmp_path)) == committed
+
+
+def test_nbval_collects_every_book_notebook_and_nothing_from_build():
+    result = subprocess.run([sys.executable, "-m", "pytest", "--nbval", "--collect-only", "-q", "book"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    collected = {line.split("::")[0] for line in result.stdout.splitlines() if ".ipynb::" in line}
+    assert collected == set(_ids(NOTEBOOKS)), result.stdout[-2000:]
+    assert not any("_build" in c for c in collected)
