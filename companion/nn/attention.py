@@ -185,6 +185,7 @@ class AttentionConfig:
     positional: Literal["none", "rope", "alibi"] = "none"  # position information applied inside attention
     rope_base: float = 10000.0  # RoPE frequency base theta
     backend: Backend = "torch"  # "torch": F.scaled_dot_product_attention; "math": the formula
+    scale: float | None = None  # multiplies Q K^T (None: 1/sqrt(D); T5 uses 1.0, its init absorbs the factor)
 
     def __post_init__(self) -> None:
         if self.d_model < 1 or self.n_heads < 1:
@@ -202,6 +203,8 @@ class AttentionConfig:
             raise ValueError(f"RoPE needs an even head dim, got {self.head_dim}")
         if self.backend not in ("math", "torch"):
             raise ValueError(f"backend must be 'math' or 'torch', got {self.backend!r}")
+        if self.scale is not None and not self.scale > 0:
+            raise ValueError(f"scale must be positive (or None for 1/sqrt(D)), got {self.scale!r}")
 
     @property
     def head_dim(self) -> int:
@@ -269,7 +272,7 @@ class MultiHeadAttention(nn.Module):
         backend: Backend = "math" if need_weights else cfg.backend
         p = cfg.dropout if self.training else 0.0
         result = scaled_dot_product_attention(
-            q, k, v, mask, is_causal=causal, dropout_p=p, return_weights=need_weights, backend=backend
+            q, k, v, mask, is_causal=causal, dropout_p=p, scale=cfg.scale, return_weights=need_weights, backend=backend
         )
         out, weights = result if need_weights else (result, None)
         out = rearrange(out, "b h t d -> b t (h d)")  # (B, T, C)

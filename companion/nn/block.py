@@ -26,7 +26,7 @@ class BlockConfig:
     d_ff: int | None = None  # FFN hidden width (None: 4C, or LLaMA's 2/3 * 4C rounded for SwiGLU)
     norm: NormKind = "layer"  # "layer" (LayerNorm) or "rms" (RMSNorm)
     norm_eps: float = 1e-5  # epsilon inside the norms
-    ffn: FFNKind = "gelu"  # "gelu", "relu" or "swiglu"
+    ffn: FFNKind = "gelu"  # "gelu", "gelu_tanh" (GPT-2), "relu" or "swiglu"
     pre_norm: bool = True  # True: x + f(norm(x)); False: norm(x + f(x))
     causal: bool = True  # mask future positions in self-attention
     cross_attention: bool = False  # add a cross-attention branch over an encoder's output
@@ -36,13 +36,14 @@ class BlockConfig:
     dropout: float = 0.0  # dropout on attention weights and on each branch output (training only)
     bias: bool = True  # biases in linear layers and LayerNorm
     backend: Backend = "torch"  # attention kernel: "torch" (SDPA) or "math" (the formula)
+    attn_scale: float | None = None  # score scale (None: 1/sqrt(D); T5 uses 1.0)
 
     def __post_init__(self) -> None:
         self.attention()  # validates widths, heads, positional, dropout
         if self.norm not in ("layer", "rms"):
             raise ValueError(f"norm must be 'layer' or 'rms', got {self.norm!r}")
-        if self.ffn not in ("gelu", "relu", "swiglu"):
-            raise ValueError(f"ffn must be 'gelu', 'relu' or 'swiglu', got {self.ffn!r}")
+        if self.ffn not in ("gelu", "gelu_tanh", "relu", "swiglu"):
+            raise ValueError(f"ffn must be 'gelu', 'gelu_tanh', 'relu' or 'swiglu', got {self.ffn!r}")
         if self.d_ff is not None and self.d_ff < 1:
             raise ValueError(f"d_ff must be positive, got {self.d_ff!r}")
 
@@ -65,6 +66,7 @@ class BlockConfig:
             positional="none" if cross else self.positional,
             rope_base=self.rope_base,
             backend=self.backend,
+            scale=self.attn_scale,
         )
 
     @classmethod

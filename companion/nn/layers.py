@@ -1,7 +1,7 @@
 """Normalisation and feed-forward layers of a Transformer block.
 
 LayerNorm from Ba et al. (2016); RMSNorm from Zhang & Sennrich (2019), which drops the mean and the bias; the
-position-wise feed-forward network of Vaswani et al. (2017) with GELU or ReLU, and the gated SwiGLU variant of
+position-wise feed-forward network of Vaswani et al. (2017) with GELU (exact, or GPT-2's tanh approximation) or ReLU, and the gated SwiGLU variant of
 Shazeer (2020) used by LLaMA. Norms compute in float32 and cast back, as LLaMA does.
 """
 
@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 NormKind = Literal["layer", "rms"]
-FFNKind = Literal["gelu", "relu", "swiglu"]
+FFNKind = Literal["gelu", "gelu_tanh", "relu", "swiglu"]
 
 
 class LayerNorm(nn.Module):
@@ -62,14 +62,14 @@ def make_norm(kind: NormKind, dim: int, eps: float = 1e-5, bias: bool = True) ->
 class FeedForward(nn.Module):
     """Position-wise FFN, (B, T, C) -> (B, T, C).
 
-    "gelu"/"relu": down(act(up(x))). "swiglu": down(silu(gate(x)) * up(x)), three matrices, so LLaMA takes the
+    "gelu"/"gelu_tanh"/"relu": down(act(up(x))). "swiglu": down(silu(gate(x)) * up(x)), three matrices, so LLaMA takes the
     hidden width as about 2/3 of 4C to keep the parameter count of the two-matrix version.
     """
 
     def __init__(self, dim: int, hidden: int, kind: FFNKind = "gelu", bias: bool = True, dropout: float = 0.0) -> None:
         super().__init__()
-        if kind not in ("gelu", "relu", "swiglu"):
-            raise ValueError(f"ffn must be 'gelu', 'relu' or 'swiglu', got {kind!r}")
+        if kind not in ("gelu", "gelu_tanh", "relu", "swiglu"):
+            raise ValueError(f"ffn must be 'gelu', 'gelu_tanh', 'relu' or 'swiglu', got {kind!r}")
         if hidden < 1:
             raise ValueError(f"hidden width must be positive, got {hidden!r}")
         self.kind = kind
@@ -83,6 +83,8 @@ class FeedForward(nn.Module):
             h = F.silu(self.gate(x)) * self.up(x)  # (B, T, hidden)
         elif self.kind == "gelu":
             h = F.gelu(self.up(x))  # (B, T, hidden)
+        elif self.kind == "gelu_tanh":  # GPT-2's approximation 0.5x(1 + tanh(sqrt(2/pi)(x + 0.044715x^3)))
+            h = F.gelu(self.up(x), approximate="tanh")  # (B, T, hidden)
         else:
             h = F.relu(self.up(x))  # (B, T, hidden)
         return self.dropout(self.down(h))
