@@ -104,12 +104,22 @@ def test_chinese_search_finds_a_page(browser, server):
     page.close()
 
 
+def _owner_repo() -> str:
+    import companion
+
+    return companion.REPOSITORY_URL.removeprefix("https://github.com/")
+
+
 def test_every_page_loads_offline(browser, server):
     for html in sorted(HTML.rglob("*.html")):
         rel = html.relative_to(HTML).as_posix()
         if rel.startswith(("_", "genindex")):
             continue
         page, outside, failed = _open(browser, f"{server}/{rel}")
+        source = ROOT / rel.replace(".html", ".ipynb")
+        if source.is_file():  # every notebook page has a Colab button pointing at its own notebook
+            href = f"https://colab.research.google.com/github/{_owner_repo()}/blob/main/{source.relative_to(ROOT).as_posix()}"
+            assert page.locator(f"a[href='{href}']").count() == 1, f"{rel}: no Colab link {href}"
         page.close()
         assert outside == [], f"{rel}: requests that would leave the machine: {outside}"
         assert failed == [], f"{rel}: failed requests: {failed}"
