@@ -31,6 +31,7 @@ class NGramConfig:
     smoothing: str = "kneser_ney"  # "add_k" or "kneser_ney"
     k: float = 1.0  # pseudo-count for add-k (1.0 = Laplace)
     discount: float = 0.75  # absolute discount D for Kneser-Ney, 0 < D <= 1
+    min_count: int = 1  # training tokens seen fewer times than this are counted as UNK
 
     def __post_init__(self) -> None:
         if isinstance(self.order, bool) or not isinstance(self.order, int) or self.order < 1:
@@ -41,6 +42,8 @@ class NGramConfig:
             raise ValueError(f"k must be positive and finite, got {self.k!r}")
         if not (isinstance(self.discount, (int, float)) and 0 < self.discount <= 1):
             raise ValueError(f"discount must be in (0, 1], got {self.discount!r}")
+        if isinstance(self.min_count, bool) or not isinstance(self.min_count, int) or self.min_count < 1:
+            raise ValueError(f"min_count must be an int >= 1, got {self.min_count!r}")
 
 
 class _Table:
@@ -71,7 +74,8 @@ class NGramLM:
         return [BOS] * (self.order - 1) + [t if t in self._index else UNK for t in sentence] + [EOS]
 
     def fit(self, corpus: Iterable[Sequence[str]]) -> NGramLM:
-        """Count n-grams of every sentence in ``corpus`` (each sentence is padded with n-1 BOS and one EOS)."""
+        """Count n-grams of every sentence in ``corpus`` (each sentence is padded with n-1 BOS and one EOS);
+        tokens rarer than ``min_count`` become UNK, so UNK gets real counts."""
         corpus = [list(s) for s in corpus]
         if not corpus:
             raise ValueError("corpus is empty: nothing to count")
@@ -79,8 +83,8 @@ class NGramLM:
             for token in sentence:
                 if token in (BOS, EOS, UNK):
                     raise ValueError(f"token {token!r} is reserved; found it inside a training sentence")
-        seen = sorted({t for s in corpus for t in s})
-        self.vocab = seen + [EOS, UNK]
+        frequency = Counter(t for s in corpus for t in s)
+        self.vocab = sorted(t for t, c in frequency.items() if c >= self.config.min_count) + [EOS, UNK]
         self._index = {t: i for i, t in enumerate(self.vocab)}
         n = self.order
         counts: list[defaultdict] = [defaultdict(Counter) for _ in range(n + 1)]

@@ -32,6 +32,15 @@ def test_vocabulary():
     assert bigram("add_k").vocab == ["a", "b", EOS, UNK]
 
 
+def test_min_count_maps_rare_tokens_to_unk():
+    # "b" occurs once: with min_count=2 it becomes <unk>, so (a, <unk>) = 1 and V = {a, </s>, <unk>} = 3.
+    lm = NGramLM(NGramConfig(order=2, smoothing="add_k", min_count=2)).fit(CORPUS)
+    assert lm.vocab == ["a", EOS, UNK]
+    assert lm.prob("b", ["a"]) == lm.prob(UNK, ["a"]) == pytest.approx((1 + 1) / (2 + 3))
+    with pytest.raises(ValueError, match="min_count must be an int >= 1, got 0"):
+        NGramConfig(min_count=0)
+
+
 def test_add_one_bigram_by_hand():
     lm = bigram("add_k", k=1.0)
     # P(w | h) = (c(h, w) + 1) / (c(h) + V), c(h) = number of bigrams starting with h, V = 4.
@@ -145,7 +154,7 @@ def test_neural_bigram_reaches_the_maximum_likelihood_bigram_loss():
     h_min = -torch.log(mle[x[:, 0], y]).mean().item()
     model = MLPLanguageModel(MLPLMConfig(vocab_size=5, context=1, d_embed=8, d_hidden=32))
     opt = torch.optim.Adam(model.parameters(), lr=0.05)
-    for _ in range(300):
+    for _ in range(200):
         loss = F.cross_entropy(model(x), y)
         opt.zero_grad()
         loss.backward()
