@@ -1,0 +1,53 @@
+"""Pieces shared by the chapter 5 models: the context-length check, weight initialisation and greedy decoding.
+
+Greedy decoding here is the reference used by the parity tests (argmax at every step, optionally with a KV cache);
+sampling strategies and faster caches belong to chapter 10 (inference).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from companion.nn.attention import KVCache
+
+
+def check_length(t: int, n_ctx: int, offset: int = 0) -> None:
+    """Raise if positions ``offset .. offset + t - 1`` do not fit a context of ``n_ctx`` positions."""
+    if t < 1:
+        raise ValueError(f"need at least one token, got sequence length {t}")
+    if offset + t > n_ctx:
+        cached = f" after {offset} cached tokens" if offset else ""
+        raise ValueError(f"sequence length {t}{cached} exceeds the context length n_ctx={n_ctx}")
+
+
+def init_weights(module: nn.Module, std: float = 0.02) -> None:
+    """GPT-2/BERT initialisation: N(0, std) for linear and embedding weights, zero biases (norms keep ones/zeros)."""
+    if isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, mean=0.0, std=std)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, mean=0.0, std=std)
+
+
+@torch.no_grad()
+def greedy_generate(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, *, use_cache: bool = True) -> torch.Tensor:
+    """Append ``max_new_tokens`` argmax tokens to idx (B, T) with a decoder-only model; returns (B, T + new).
+
+    ``model(idx, kv_caches=...)`` must return logits (B, T, V) and have a ``config.n_layers``. With ``use_cache`` the
+    prompt is run once and each new token alone (same tokens as without the cache, which the tests check).
+    """
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens!r}")
+    was_training = model.training
+    model.eval()
+    caches = [KVCache() for _ in range(model.config.n_layers)] if use_cache else None
+    out, step_input = idx, idx
+    for _ in range(max_new_tokens):
+        logits = model(step_input if use_cache else out, kv_caches=caches)  # (B, T, V)
+        next_token = logits[:, -1].argmax(dim=-1, keepdim=True)  # (B, 1)
+        out = torch.cat([out, next_token], dim=1)
+        step_input = next_token
+    model.train(was_training)
+    return out

@@ -1,0 +1,89 @@
+"""LLaMA-style decoder-only language model built from `companion.nn` blocks.
+
+Touvron et al. (2023), "LLaMA" and "Llama 2": pre-norm RMSNorm (Zhang & Sennrich, 2019), SwiGLU MLP (Shazeer,
+2020), rotary positions inside attention (Su et al., 2021), no biases, an untied output head, and grouped-query
+attention (Ainslie et al., 2023) when ``n_kv_heads < n_heads``. Loads from Hugging Face `LlamaForCausalLM`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from companion.models.base import check_length, init_weights
+from companion.nn.attention import Backend, KVCacheLike
+from companion.nn.block import BlockConfig, TransformerBlock
+from companion.nn.layers import RMSNorm
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    """Shape of a LLaMA-style model. Presets: `tiny`, `llama2_7b`, `llama3_8b`."""
+
+    vocab_size: int = 32000  # V, SentencePiece vocabulary of LLaMA 1/2
+    n_ctx: int = 4096  # longest sequence the model is used with (RoPE itself has no table)
+    n_layers: int = 32  # number of Transformer blocks
+    d_model: int = 4096  # C, residual stream width
+    n_heads: int = 32  # H, query heads
+    n_kv_heads: int | None = None  # G, key/value heads (None = H; fewer = grouped-query attention)
+    d_ff: int = 11008  # SwiGLU hidden width (about 2/3 * 4C, rounded up to a multiple of 256)
+    norm_eps: float = 1e-5  # RMSNorm epsilon
+    rope_base: float = 10000.0  # RoPE theta
+    tie_embeddings: bool = False  # LLaMA keeps a separate output matrix; small Qwen/Llama-3.2 models tie it
+    dropout: float = 0.0  # LLaMA trains without dropout
+    backend: Backend = "torch"  # attention kernel
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "n_ctx", "n_layers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
+        self.block()  # validates widths, heads, RoPE head dim
+
+    def block(self) -> BlockConfig:
+        return BlockConfig.llama(self.d_model, self.n_heads, self.n_kv_heads, d_ff=self.d_ff, norm_eps=self.norm_eps,
+                                 rope_base=self.rope_base, dropout=self.dropout, backend=self.backend)
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads  # D
+
+    @classmethod
+    def tiny(cls) -> LlamaConfig:
+        """A CPU-sized model with grouped-query attention (4 query heads share 2 key/value heads)."""
+        return cls(vocab_size=256, n_ctx=64, n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, d_ff=176)
+
+    @classmethod
+    def llama2_7b(cls) -> LlamaConfig:
+        return cls()  # 6.74B
+
+    @classmethod
+    def llama3_8b(cls) -> LlamaConfig:
+        return cls(vocab_size=128256, n_ctx=8192, n_kv_heads=8, d_ff=14336, rope_base=500000.0)  # 8.03B
+
+
+class Llama(nn.Module):
+    """forward(idx (B, T), kv_caches=None) -> logits (B, T, V)."""
+
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
+        self.blocks = nn.ModuleList(TransformerBlock(config.block()) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.d_model, eps=config.norm_eps)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.apply(init_weights)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+
+    def forward(self, idx: torch.Tensor, kv_caches: Sequence[KVCacheLike] | None = None) -> torch.Tensor:
+        if idx.dim() != 2:
+            raise ValueError(f"idx must have shape (B, T), got {tuple(idx.shape)}")
+        offset = 0 if kv_caches is None else kv_caches[0].seq_len
+        check_length(idx.shape[1], self.config.n_ctx, offset)
+        x = self.tok_emb(idx)  # (B, T, C); no position table: RoPE rotates q and k inside each block
+        for i, block in enumerate(self.blocks):
+            x = block(x, kv_cache=None if kv_caches is None else kv_caches[i])  # (B, T, C)
+        return self.lm_head(self.norm(x))  # (B, T, V)
