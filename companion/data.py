@@ -206,8 +206,19 @@ def read_jsonl(name: str) -> list[dict]:
         return [json.loads(line) for line in f]
 
 
+def _import_datasets():
+    import warnings
+
+    with warnings.catch_warnings():  # tqdm.auto warns on import when ipywidgets is missing (notebooks)
+        warnings.simplefilter("ignore")
+        import datasets
+    if os.environ.get("TQDM_DISABLE") == "1":  # set by companion.runtime.quiet() in notebooks
+        datasets.disable_progress_bars()
+    return datasets
+
+
 def _dataset(name: str, columns: list[str], rows: list[dict] | None = None, tag: str = ""):
-    import datasets
+    datasets = _import_datasets()
 
     rows = read_jsonl(name) if rows is None else rows
     table = datasets.Dataset.from_dict({c: [r[c] for r in rows] for c in columns})
@@ -238,7 +249,7 @@ def split_bucket(text: str, validation: float, test: float) -> str:
 def split_dataset(dataset, validation: float = 0.05, test: float = 0.05, column: str = "text"):
     """A ``DatasetDict`` (train/validation/test) split by the hash of ``column``: fixed, seed-free, and
     leak-free for exact duplicates (the same text is never in two splits)."""
-    import datasets
+    datasets = _import_datasets()
 
     buckets = [split_bucket(t, validation, test) for t in dataset[column]]
     return datasets.DatasetDict({
@@ -259,7 +270,7 @@ def load_reviews(split: str | None = None):
 
     Deduplicated and split (stratified 80/10/10) by ``prepare-data``; ``split=None`` gives a ``DatasetDict``.
     """
-    import datasets
+    datasets = _import_datasets()
 
     if split is not None and split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS} or None, got {split!r}")

@@ -24,8 +24,13 @@ def _read_files() -> tuple[dict[str, int], list[tuple[str, str]]]:
     return encoder, merges
 
 
+@lru_cache(maxsize=1)
+def _unicode_to_byte() -> dict[str, int]:
+    return {c: b for b, c in bytes_to_unicode().items()}
+
+
 def _to_bytes(token: str) -> bytes:
-    decode = {c: b for b, c in bytes_to_unicode().items()}
+    decode = _unicode_to_byte()
     return bytes(decode[c] for c in token)
 
 
