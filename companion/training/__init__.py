@@ -1,0 +1,40 @@
+"""Training: AdamW with parameter groups and the warmup + cosine schedule (:mod:`.optim`), atomic and exactly
+resumable checkpoints (:mod:`.checkpoint`), metrics and the loss curve (:mod:`.metrics`), and the loop
+(:mod:`.trainer`)."""
+
+from companion.training.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    load_weights,
+    save_checkpoint,
+)
+from companion.training.metrics import History, ProgressBar, plot_history
+from companion.training.optim import (
+    OptimizerConfig,
+    adamw_step,
+    build_optimizer,
+    lr_at,
+    param_groups,
+    set_lr,
+    split_decay,
+)
+from companion.training.trainer import Trainer, TrainConfig
+
+__all__ = [
+    "CheckpointError",
+    "History",
+    "OptimizerConfig",
+    "ProgressBar",
+    "TrainConfig",
+    "Trainer",
+    "adamw_step",
+    "build_optimizer",
+    "load_checkpoint",
+    "load_weights",
+    "lr_at",
+    "param_groups",
+    "plot_history",
+    "save_checkpoint",
+    "set_lr",
+    "split_decay",
+]

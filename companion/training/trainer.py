@@ -1,0 +1,239 @@
+"""A training loop to read in one sitting (in the spirit of nanoGPT's ``train.py`` and minGPT's ``Trainer``).
+
+One optimizer step = ``grad_accum_steps`` micro-batches, each loss divided by that count before ``backward``
+(so the gradient is that of one batch ``grad_accum_steps`` times larger), then gradient clipping, AdamW, and the
+warmup + cosine learning rate of :mod:`.optim`. The data order is a pure function of ``(seed, epoch)``, and a
+checkpoint stores the step, the optimizer, the RNG states and the history, so a resumed run continues with
+exactly the batches, dropout masks and updates the uninterrupted run would have had.
+Precision (device, autocast, GradScaler) comes from :func:`companion.runtime.choose_precision`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from companion.runtime import choose_precision
+from companion.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from companion.training.metrics import History, ProgressBar, plot_history
+from companion.training.optim import OptimizerConfig, build_optimizer, lr_at, set_lr
+
+LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]  # (model, batch) -> scalar mean loss
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything about a run except the model and the data."""
+
+    max_steps: int = 1000  # optimizer steps
+    batch_size: int = 16  # examples per micro-batch
+    grad_accum_steps: int = 1  # micro-batches per optimizer step (effective batch = batch_size * this)
+    lr: float = 3e-4  # peak learning rate
+    min_lr: float = 0.0  # learning rate at the end of the cosine
+    warmup_steps: int = 0  # linear warm-up steps
+    weight_decay: float = 0.1  # AdamW decay on weight matrices (never on norms/biases; embeddings: see below)
+    decay_embeddings: bool = False  # also decay embedding tables
+    betas: tuple[float, float] = (0.9, 0.95)  # AdamW moment decay rates
+    eps: float = 1e-8  # AdamW epsilon
+    max_grad_norm: float | None = 1.0  # clip the global gradient norm to this (None: no clipping)
+    eval_every: int = 0  # evaluate every this many steps (0: only at the end)
+    eval_batches: int | None = None  # at most this many validation batches per evaluation (None: all)
+    patience: int | None = None  # early stopping: stop after this many evaluations without improvement
+    min_delta: float = 0.0  # an improvement must lower the validation loss by more than this
+    checkpoint_every: int = 0  # save every this many steps (0: only at the end, if out_dir is set)
+    keep_checkpoints: int = 1  # newest checkpoints kept on disk
+    out_dir: str | None = None  # run directory: checkpoints, metrics.json, loss_curve.png
+    seed: int = 0  # data order (and evaluation masks)
+    device: str | None = None  # "cpu", "cuda"… (None: the best available)
+    precision: str | None = None  # "fp32", "bf16", "fp16" (None: chosen for the device)
+    progress: bool = True  # draw a progress bar on stdout
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "batch_size", "grad_accum_steps", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
+        for name in ("eval_every", "checkpoint_every", "warmup_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
+            raise ValueError(f"max_grad_norm must be positive or None, got {self.max_grad_norm!r}")
+        if self.patience is not None and self.patience < 1:
+            raise ValueError(f"patience must be a positive int or None, got {self.patience!r}")
+        self.optimizer()  # validates lr, min_lr, warmup, betas
+
+    def optimizer(self) -> OptimizerConfig:
+        return OptimizerConfig(lr=self.lr, min_lr=self.min_lr, warmup_steps=self.warmup_steps,
+                               decay_steps=self.max_steps, weight_decay=self.weight_decay, betas=tuple(self.betas),
+                               eps=self.eps, decay_embeddings=self.decay_embeddings)
+
+
+# fields whose change would break an exact resume (they decide which examples form each step)
+_RESUME_KEYS = ("batch_size", "grad_accum_steps", "seed")
+
+
+class Trainer:
+    """``Trainer(model, config, train_data, collate_fn, loss_fn, eval_data).fit()`` -> :class:`History`.
+
+    ``train_data``/``eval_data``: anything with ``len`` and integer indexing returning one example (a list, a
+    ``datasets.Dataset``); ``collate_fn`` turns a list of examples into a dict of tensors; ``loss_fn(model,
+    batch)`` returns the mean loss of the batch.
+    """
+
+    def __init__(self, model: nn.Module, config: TrainConfig, train_data: Sequence, collate_fn: Callable,
+                 loss_fn: LossFn, eval_data: Sequence | None = None) -> None:
+        if len(train_data) < config.batch_size:
+            raise ValueError(f"train_data has {len(train_data)} examples, fewer than batch_size={config.batch_size}")
+        self.config, self.train_data, self.eval_data = config, train_data, eval_data
+        self.collate_fn, self.loss_fn = collate_fn, loss_fn
+        self.precision = choose_precision(config.device, config.precision)
+        self.model = model.to(self.precision.device)
+        self.optimizer = build_optimizer(self.model, config.optimizer())
+        self.scaler = torch.amp.GradScaler(self.precision.device.type, enabled=self.precision.grad_scaler)
+        self.step = 0  # optimizer steps taken
+        self.tokens = 0  # input tokens seen
+        self.history = History()
+        self.best_val_loss, self.bad_evals = math.inf, 0  # early-stopping state
+
+    # ------------------------------------------------------------------ data
+    def micro_batches(self, start: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+        """Micro-batches from number ``start`` on: epoch ``e`` visits the data in ``randperm`` order seeded by
+        ``(seed, e)``; the last incomplete batch of an epoch is dropped, so every batch has the same size."""
+        B = self.config.batch_size
+        per_epoch = len(self.train_data) // B
+        epoch, i = divmod(start, per_epoch)
+        while True:
+            g = torch.Generator().manual_seed(self.config.seed * 100_003 + epoch)
+            order = torch.randperm(len(self.train_data), generator=g).tolist()
+            for j in range(i, per_epoch):
+                yield self._to_device(self.collate_fn([self.train_data[k] for k in order[j * B:(j + 1) * B]]))
+            epoch, i = epoch + 1, 0
+
+    def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
+        return {k: v.to(self.precision.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+    # ------------------------------------------------------------------ one step
+    def train_step(self, batches: Sequence[dict[str, torch.Tensor]]) -> dict[str, float]:
+        """One optimizer step over ``batches`` (the accumulated micro-batches); returns the step's record."""
+        self.model.train()
+        lr = lr_at(self.step, self.config.optimizer())
+        set_lr(self.optimizer, lr)
+        total = 0.0
+        for batch in batches:
+            with self.precision.autocast():
+                loss = self.loss_fn(self.model, batch)
+            self.scaler.scale(loss / len(batches)).backward()  # gradients add up over micro-batches
+            total += loss.item()
+            self.tokens += int(batch["input_ids"].numel()) if "input_ids" in batch else 0
+        self.scaler.unscale_(self.optimizer)  # true gradients before clipping (no-op without a scaler)
+        max_norm = self.config.max_grad_norm or math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        self.scaler.step(self.optimizer)  # skips the update if fp16 gradients overflowed
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return {"step": self.step, "loss": total / len(batches), "lr": lr, "grad_norm": float(grad_norm),
+                "tokens": self.tokens}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Mean validation loss (weighted by batch size) and its perplexity ``exp(loss)``.
+
+        Runs under a forked RNG seeded by ``config.seed``: random masks in an MLM collator are the same at every
+        evaluation, and the training RNG stream is untouched (so evaluating does not change training).
+        """
+        if not self.eval_data:
+            raise ValueError("evaluate() needs eval_data")
+        self.model.eval()
+        B, n_batches = self.config.batch_size, math.ceil(len(self.eval_data) / self.config.batch_size)
+        if self.config.eval_batches is not None:
+            n_batches = min(n_batches, self.config.eval_batches)
+        total, count = 0.0, 0
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.config.seed)
+            for j in range(n_batches):
+                rows = [self.eval_data[k] for k in range(j * B, min((j + 1) * B, len(self.eval_data)))]
+                with self.precision.autocast():
+                    loss = self.loss_fn(self.model, self._to_device(self.collate_fn(rows)))
+                total, count = total + loss.item() * len(rows), count + len(rows)
+        self.model.train()
+        val_loss = total / count
+        return {"step": self.step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self, resume_from: str | Path | None = None, until: int | None = None) -> History:
+        """Train to ``config.max_steps`` (or stop early; ``until`` stops at that step, as if interrupted)."""
+        cfg = self.config
+        if resume_from is not None:
+            self.load(resume_from)
+        stop_at = cfg.max_steps if until is None else min(until, cfg.max_steps)
+        batches = self.micro_batches(start=self.step * cfg.grad_accum_steps)
+        bar = ProgressBar(cfg.max_steps, self.step, enabled=cfg.progress)
+        stopped_early = False
+        while self.step < stop_at and not stopped_early:
+            record = self.train_step([next(batches) for _ in range(cfg.grad_accum_steps)])
+            self.history.train.append(record)
+            bar.update(self.step, loss=record["loss"], lr=record["lr"])
+            last = self.step == cfg.max_steps
+            if self.eval_data and ((cfg.eval_every and self.step % cfg.eval_every == 0) or last):
+                result = self.evaluate()
+                self.history.eval.append(result)
+                bar.write(f"step {self.step}: val_loss {result['val_loss']:.4f}, ppl {result['val_ppl']:.2f}")
+                stopped_early = self._early_stop(result["val_loss"])
+            if cfg.out_dir and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                self.save()
+        bar.close()
+        if cfg.out_dir:
+            self.save()
+            self.history.save(Path(cfg.out_dir) / "metrics.json")
+            self.save_loss_curve(Path(cfg.out_dir) / "loss_curve.png")
+        return self.history
+
+    def save_loss_curve(self, path: Path) -> None:
+        import matplotlib.pyplot as plt
+
+        from companion.plotting import use_book_style
+
+        try:
+            use_book_style()  # Chinese labels need a CJK font
+        except RuntimeError:
+            pass  # none installed: the figure is still written, with boxes for the Chinese labels
+        fig = plot_history(self.history)
+        fig.savefig(path)
+        plt.close(fig)
+
+    def _early_stop(self, val_loss: float) -> bool:
+        if val_loss < self.best_val_loss - self.config.min_delta:
+            self.best_val_loss, self.bad_evals = val_loss, 0
+        else:
+            self.bad_evals += 1
+        return self.config.patience is not None and self.bad_evals >= self.config.patience
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self, run_dir: str | Path | None = None) -> Path:
+        """Checkpoint into ``run_dir`` (default ``config.out_dir``); see :mod:`.checkpoint`."""
+        run_dir = run_dir or self.config.out_dir
+        if run_dir is None:
+            raise ValueError("save() needs a run directory: pass one or set TrainConfig.out_dir")
+        extra = {"config": asdict(self.config), "history": self.history.to_dict(), "tokens": self.tokens,
+                 "scaler": self.scaler.state_dict(), "early_stopping": (self.best_val_loss, self.bad_evals)}
+        return save_checkpoint(run_dir, self.model, self.optimizer, self.step, extra, keep=self.config.keep_checkpoints)
+
+    def load(self, path: str | Path) -> None:
+        """Restore model, optimizer, scaler, RNG, step, history from a checkpoint (directory or run directory)."""
+        state = load_checkpoint(path, self.model, self.optimizer, map_location=self.precision.device)
+        saved = state["config"]
+        changed = [f"{k}: {saved[k]!r} in the checkpoint, {getattr(self.config, k)!r} now"
+                   for k in _RESUME_KEYS if saved.get(k) != getattr(self.config, k)]
+        if changed:
+            raise CheckpointError(f"cannot resume exactly from {path}: " + "; ".join(changed))
+        self.step, self.tokens = state["step"], state["tokens"]
+        self.history = History.from_dict(state["history"])
+        self.best_val_loss, self.bad_evals = state["early_stopping"]
+        if state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
