@@ -48,6 +48,8 @@ def parameter_breakdown(config: AnyConfig, *, pretraining_heads: bool = False) -
     """Exact parameter counts by component: embedding (token, position, segment tables), attention, ffn, norms,
     head (untied output matrix, BERT's pooler and, with ``pretraining_heads``, its MLM/NSP heads), position_bias (T5),
     and total. Tied matrices are counted once."""
+    if not isinstance(config, (GPTConfig, LlamaConfig, BertConfig, T5Config)):
+        raise TypeError(f"expected a GPT, Llama, BERT or T5 config, got {type(config).__name__}")
     c, v = config.d_model, config.vocab_size
     out = {"embedding": v * c, "attention": 0, "ffn": 0, "norms": 0, "head": 0, "position_bias": 0}
 
@@ -77,8 +79,6 @@ def parameter_breakdown(config: AnyConfig, *, pretraining_heads: bool = False) -
         add_blocks(config.block(decoder=True), config.decoder_layers)
         out["norms"] += 2 * c  # final norm of each stack
         out["position_bias"] = 2 * config.num_buckets * config.n_heads
-    else:
-        raise TypeError(f"expected a GPT, Llama, BERT or T5 config, got {type(config).__name__}")
     out["total"] = sum(out.values())
     return out
 
