@@ -13,6 +13,7 @@ import sys
 # command name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "prepare-data": ("companion.prepare_data", "regenerate data/ from registry packages and update the manifest"),
+    "train": ("companion.training.cli", "pretrain a model from a JSON config (causal LM or BERT MLM+NSP), resumable"),
 }
 
 
