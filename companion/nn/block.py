@@ -7,7 +7,8 @@ blocks (causal) and encoder-decoder decoder blocks (causal + cross-attention); l
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Literal
+from collections.abc import Callable
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -70,19 +71,19 @@ class BlockConfig:
         )
 
     @classmethod
-    def gpt2(cls, d_model: int = 768, n_heads: int = 12, **overrides) -> BlockConfig:
+    def gpt2(cls, d_model: int = 768, n_heads: int = 12, **overrides: Any) -> BlockConfig:
         """GPT-2: pre-norm LayerNorm, GELU FFN, causal, biases (learned positions are added outside)."""
         return replace(cls(d_model=d_model, n_heads=n_heads), **overrides)
 
     @classmethod
-    def llama(cls, d_model: int = 4096, n_heads: int = 32, n_kv_heads: int | None = None, **overrides) -> BlockConfig:
+    def llama(cls, d_model: int = 4096, n_heads: int = 32, n_kv_heads: int | None = None, **overrides: Any) -> BlockConfig:
         """LLaMA: pre-norm RMSNorm, SwiGLU, RoPE, no biases, optional grouped-query attention."""
         base = cls(d_model=d_model, n_heads=n_heads, n_kv_heads=n_kv_heads, norm="rms", norm_eps=1e-6,
                    ffn="swiglu", positional="rope", bias=False)
         return replace(base, **overrides)
 
     @classmethod
-    def bert(cls, d_model: int = 768, n_heads: int = 12, **overrides) -> BlockConfig:
+    def bert(cls, d_model: int = 768, n_heads: int = 12, **overrides: Any) -> BlockConfig:
         """BERT: post-norm LayerNorm (eps 1e-12), GELU FFN, bidirectional."""
         base = cls(d_model=d_model, n_heads=n_heads, norm_eps=1e-12, pre_norm=False, causal=False)
         return replace(base, **overrides)
@@ -108,7 +109,7 @@ class TransformerBlock(nn.Module):
         self.ffn = FeedForward(c, config.ffn_hidden, kind=config.ffn, bias=config.bias, dropout=config.dropout)
         self.dropout = nn.Dropout(config.dropout)
 
-    def _residual(self, x: torch.Tensor, norm: nn.Module, branch) -> torch.Tensor:
+    def _residual(self, x: torch.Tensor, norm: nn.Module, branch: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         if self.config.pre_norm:
             return x + branch(norm(x))  # (B, T, C)
         return norm(x + branch(x))  # (B, T, C)
