@@ -87,7 +87,8 @@ def scaled_dot_product_attention(
     (math backend only).
     """
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(f"q, k, v must be 4-D (B, H, T, D), got shapes {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+        shapes = f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        raise ValueError(f"q, k, v must be 4-D (B, H, T, D), got shapes {shapes}")
     b, h, t, d = q.shape
     g, s = k.shape[1], k.shape[2]
     if k.shape[0] != b or v.shape[0] != b or v.shape[1] != g or v.shape[2] != s or k.shape[3] != d:
@@ -189,9 +190,13 @@ class AttentionConfig:
 
     def __post_init__(self) -> None:
         if self.d_model < 1 or self.n_heads < 1:
-            raise ValueError(f"d_model and n_heads must be positive, got d_model={self.d_model!r}, n_heads={self.n_heads!r}")
+            raise ValueError(
+                f"d_model and n_heads must be positive, got d_model={self.d_model!r}, n_heads={self.n_heads!r}"
+            )
         if self.d_model % self.n_heads != 0:
-            raise ValueError(f"d_model must be divisible by n_heads, got d_model={self.d_model} and n_heads={self.n_heads}")
+            raise ValueError(
+                f"d_model must be divisible by n_heads, got d_model={self.d_model} and n_heads={self.n_heads}"
+            )
         g = self.kv_heads
         if g < 1 or self.n_heads % g != 0:
             raise ValueError(f"n_kv_heads must divide n_heads, got n_heads={self.n_heads} and n_kv_heads={g}")
@@ -272,7 +277,8 @@ class MultiHeadAttention(nn.Module):
         backend: Backend = "math" if need_weights else cfg.backend
         p = cfg.dropout if self.training else 0.0
         result = scaled_dot_product_attention(
-            q, k, v, mask, is_causal=causal, dropout_p=p, scale=cfg.scale, return_weights=need_weights, backend=backend
+            q, k, v, mask, is_causal=causal, dropout_p=p, scale=cfg.scale, return_weights=need_weights,
+            backend=backend,
         )
         out, weights = result if need_weights else (result, None)
         out = rearrange(out, "b h t d -> b t (h d)")  # (B, T, C)

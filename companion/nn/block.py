@@ -76,7 +76,9 @@ class BlockConfig:
         return replace(cls(d_model=d_model, n_heads=n_heads), **overrides)
 
     @classmethod
-    def llama(cls, d_model: int = 4096, n_heads: int = 32, n_kv_heads: int | None = None, **overrides: Any) -> BlockConfig:
+    def llama(
+        cls, d_model: int = 4096, n_heads: int = 32, n_kv_heads: int | None = None, **overrides: Any
+    ) -> BlockConfig:
         """LLaMA: pre-norm RMSNorm, SwiGLU, RoPE, no biases, optional grouped-query attention."""
         base = cls(d_model=d_model, n_heads=n_heads, n_kv_heads=n_kv_heads, norm="rms", norm_eps=1e-6,
                    ffn="swiglu", positional="rope", bias=False)
@@ -109,7 +111,9 @@ class TransformerBlock(nn.Module):
         self.ffn = FeedForward(c, config.ffn_hidden, kind=config.ffn, bias=config.bias, dropout=config.dropout)
         self.dropout = nn.Dropout(config.dropout)
 
-    def _residual(self, x: torch.Tensor, norm: nn.Module, branch: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    def _residual(
+        self, x: torch.Tensor, norm: nn.Module, branch: Callable[[torch.Tensor], torch.Tensor]
+    ) -> torch.Tensor:
         if self.config.pre_norm:
             return x + branch(norm(x))  # (B, T, C)
         return norm(x + branch(x))  # (B, T, C)

@@ -1,8 +1,9 @@
 """Normalisation and feed-forward layers of a Transformer block.
 
 LayerNorm from Ba et al. (2016); RMSNorm from Zhang & Sennrich (2019), which drops the mean and the bias; the
-position-wise feed-forward network of Vaswani et al. (2017) with GELU (exact, or GPT-2's tanh approximation) or ReLU, and the gated SwiGLU variant of
-Shazeer (2020) used by LLaMA. Norms compute in float32 and cast back, as LLaMA does.
+position-wise feed-forward network of Vaswani et al. (2017) with GELU (exact, or GPT-2's tanh approximation) or
+ReLU, and the gated SwiGLU variant of Shazeer (2020) used by LLaMA. Norms compute in float32 and cast back, as
+LLaMA does.
 """
 
 from __future__ import annotations
@@ -62,8 +63,8 @@ def make_norm(kind: NormKind, dim: int, eps: float = 1e-5, bias: bool = True) ->
 class FeedForward(nn.Module):
     """Position-wise FFN, (B, T, C) -> (B, T, C).
 
-    "gelu"/"gelu_tanh"/"relu": down(act(up(x))). "swiglu": down(silu(gate(x)) * up(x)), three matrices, so LLaMA takes the
-    hidden width as about 2/3 of 4C to keep the parameter count of the two-matrix version.
+    "gelu"/"gelu_tanh"/"relu": down(act(up(x))). "swiglu": down(silu(gate(x)) * up(x)), three matrices, so LLaMA
+    takes the hidden width as about 2/3 of 4C to keep the parameter count of the two-matrix version.
     """
 
     def __init__(self, dim: int, hidden: int, kind: FFNKind = "gelu", bias: bool = True, dropout: float = 0.0) -> None:

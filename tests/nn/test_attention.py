@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 from companion.nn.attention import (
@@ -201,3 +202,15 @@ def test_kv_cache_rejected_for_cross_attention():
     attn = MultiHeadAttention(AttentionConfig(16, 2))
     with pytest.raises(ValueError, match="kv_cache is for self-attention"):
         attn(torch.randn(1, 2, 16), torch.randn(1, 3, 16), kv_cache=KVCache())
+
+
+def test_config_scale_is_passed_to_the_kernel():
+    torch.manual_seed(0)
+    attn = MultiHeadAttention(AttentionConfig(16, 2, scale=1.0, bias=False)).eval()
+    x = torch.randn(1, 4, 16)
+    q, k, v = (rearrange(p(x), "b t (h d) -> b h t d", h=2) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
+    expected = attn.out_proj(rearrange(F.scaled_dot_product_attention(q, k, v, scale=1.0), "b h t d -> b t (h d)"))
+    torch.testing.assert_close(attn(x)[0], expected, **TOL)
+    torch.testing.assert_close(attn(x, need_weights=True)[0], expected, **TOL)
+    with pytest.raises(ValueError, match="scale must be positive.*got -1.0"):
+        AttentionConfig(16, 2, scale=-1.0)

@@ -64,3 +64,12 @@ def test_swiglu_width_and_errors():
         FeedForward(8, 16, kind="tanh")
     with pytest.raises(ValueError, match="got 'batch'"):
         make_norm("batch", 8)
+
+
+def test_gelu_tanh_is_gpt2s_approximation():
+    ffn = FeedForward(16, 64, kind="gelu_tanh")
+    x = torch.randn(2, 3, 16)
+    h = ffn.up(x)
+    gpt2_gelu = 0.5 * h * (1 + torch.tanh((2 / torch.pi) ** 0.5 * (h + 0.044715 * h**3)))
+    torch.testing.assert_close(ffn(x), ffn.down(gpt2_gelu), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(ffn(x), ffn.down(F.gelu(h)), rtol=0, atol=1e-7)  # differs from exact GELU
