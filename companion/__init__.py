@@ -3,7 +3,14 @@
 Shape notation used throughout the package (torchtune style):
     B batch, T time/sequence, S source length, H heads, G key/value groups, D head dim,
     C model width, V vocabulary.
+
+The flat public API below is loaded lazily (PEP 562): ``import companion`` stays fast, and
+``companion.BPETokenizer`` imports ``companion.tokenization`` on first use.
 """
+
+from __future__ import annotations
+
+import importlib
 
 from companion._meta import REPOSITORY_URL, __version__
 from companion.data import DataChecksumError, DataError, data_path, load_manifest
@@ -17,6 +24,23 @@ from companion.runtime import (
     set_threads,
     setup_notebook,
 )
+
+# name -> module that defines it
+_LAZY = {
+    # data: corpora as datasets.Dataset
+    **dict.fromkeys(["load_tang_poems", "tang_poem_splits", "split_dataset", "load_reviews", "load_shakespeare"],
+                    "companion.data"),
+    # tokenization
+    **dict.fromkeys(["CharTokenizer", "BPETokenizer", "load_gpt2_tokenizer", "gpt2_tiktoken_encoding",
+                     "load_tokenizer"], "companion.tokenization"),
+    # pipeline
+    **dict.fromkeys(["PackConfig", "tokenize_and_pack", "CausalLMCollator", "MaskedLMCollator", "PairCollator",
+                     "make_dataloader"], "companion.pipeline"),
+    # attention and Transformer blocks
+    **dict.fromkeys(["MultiHeadAttention", "AttentionConfig", "TransformerBlock", "BlockConfig",
+                     "scaled_dot_product_attention", "KVCache", "LayerNorm", "RMSNorm", "FeedForward",
+                     "RotaryEmbedding", "causal_mask", "padding_mask"], "companion.nn"),
+}
 
 __all__ = [
     "REPOSITORY_URL",
@@ -33,4 +57,17 @@ __all__ = [
     "set_deterministic",
     "set_threads",
     "setup_notebook",
+    *_LAZY,
 ]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'companion' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
