@@ -123,3 +123,25 @@ def test_other_bad_inputs_raise():
         gpt2_param_count(0, 768, 50257, 1024)
     with pytest.raises(ValueError, match="E must be a non-negative"):
         ChinchillaLaw(E=-1.0, A=1.0, B=1.0, alpha=0.3, beta=0.3)
+
+
+def test_llm_timeline_is_sourced_and_consistent():
+    import csv
+    import re
+    from pathlib import Path
+
+    from companion.data import data_path
+
+    root = Path(__file__).resolve().parent.parent
+    keys = set(re.findall(r"^@\w+\{([^,]+),", (root / "references.bib").read_text(encoding="utf-8"), re.M))
+    rows = list(csv.DictReader(data_path("models/llm_timeline.csv").open(encoding="utf-8")))
+    assert len(rows) >= 20
+    for row in rows:
+        assert row["source"] in keys, f"{row['model']}: source {row['source']!r} is not in references.bib"
+        assert row["weights"] in {"open", "open-restricted", "on-request", "closed"}
+        assert 2017 <= int(row["year"]) <= 2026
+    by_name = {row["model"]: row for row in rows}
+    gpt3 = by_name["GPT-3"]
+    assert training_flops(float(gpt3["parameters"]), float(gpt3["training_tokens"])) == pytest.approx(3.14e23, rel=0.01)
+    assert float(by_name["Chinchilla"]["training_tokens"]) / float(by_name["Chinchilla"]["parameters"]) == 20.0
+    assert by_name["GPT-4"]["parameters"] == by_name["GPT-4"]["training_tokens"] == ""  # undisclosed: blank
