@@ -40,7 +40,15 @@ _LAZY = {
     **dict.fromkeys(["MultiHeadAttention", "AttentionConfig", "TransformerBlock", "BlockConfig",
                      "scaled_dot_product_attention", "KVCache", "LayerNorm", "RMSNorm", "FeedForward",
                      "RotaryEmbedding", "causal_mask", "padding_mask"], "companion.nn"),
+    # model families, counting, Hugging Face interop
+    **dict.fromkeys(["GPT", "GPTConfig", "Llama", "LlamaConfig", "Bert", "BertConfig", "BertForPreTraining", "T5",
+                     "T5Config", "count_parameters", "flops_per_token", "CheckpointError", "greedy_generate",
+                     "mean_pool"], "companion.models"),
+    "load_hf_model": "companion.models",  # alias of companion.models.from_pretrained
+    "save_hf_model": "companion.models",  # alias of companion.models.save_pretrained
 }
+
+_ALIASES = {"load_hf_model": "from_pretrained", "save_hf_model": "save_pretrained"}
 
 __all__ = [
     "REPOSITORY_URL",
@@ -63,7 +71,7 @@ __all__ = [
 
 def __getattr__(name: str):
     if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
+        value = getattr(importlib.import_module(_LAZY[name]), _ALIASES.get(name, name))
         globals()[name] = value
         return value
     raise AttributeError(f"module 'companion' has no attribute {name!r}")

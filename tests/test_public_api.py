@@ -8,7 +8,7 @@ def test_every_public_name_resolves_to_its_module():
         value = getattr(companion, name)
         module = companion._LAZY.get(name)
         if module is not None:
-            assert value is getattr(importlib.import_module(module), name), name
+            assert value is getattr(importlib.import_module(module), companion._ALIASES.get(name, name)), name
 
 
 def test_unknown_name_raises_attribute_error():
