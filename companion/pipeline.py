@@ -116,8 +116,9 @@ class CausalLMCollator:
 
 @dataclass(frozen=True)
 class MaskedLMCollator:
-    """BERT's masking: choose ``probability`` of the non-special tokens; of those 80% -> ``mask_id``, 10% -> a
-    random token, 10% unchanged. ``labels`` hold the original id at chosen positions, -100 elsewhere."""
+    """Pad rows, then BERT's masking (:func:`companion.objectives.mask_tokens`): choose ``probability`` of the
+    non-special, non-padding tokens; of those 80% -> ``mask_id``, 10% -> a random token, 10% unchanged.
+    ``labels`` hold the original id at chosen positions, -100 elsewhere."""
 
     mask_id: int  # id of [MASK]
     vocab_size: int  # random replacements are drawn from [0, vocab_size) minus special ids
@@ -133,22 +134,13 @@ class MaskedLMCollator:
             raise ValueError(f"mask_id {self.mask_id!r} is outside the vocabulary [0, {self.vocab_size})")
 
     def __call__(self, examples: Sequence[dict]) -> dict[str, torch.Tensor]:
+        from companion.objectives import MaskingConfig, mask_tokens  # objectives imports IGNORE_INDEX from here
+
         rows = [e["input_ids"] for e in examples]
         input_ids = _pad(rows, self.pad_id)  # (B, T)
         mask = _pad([[1] * len(r) for r in rows], 0)  # (B, T)
-        special = torch.isin(input_ids, torch.tensor(sorted({*self.special_ids, self.pad_id}), dtype=torch.long))
-        eligible = (mask == 1) & ~special  # (B, T)
-        g = self.generator
-        chosen = (torch.rand(input_ids.shape, generator=g) < self.probability) & eligible  # (B, T)
-        labels = input_ids.masked_fill(~chosen, IGNORE_INDEX)
-        action = torch.rand(input_ids.shape, generator=g)  # (B, T): <0.8 mask, <0.9 random, else keep
-        allowed = torch.tensor([i for i in range(self.vocab_size) if i not in set(self.special_ids)
-                                and i != self.mask_id], dtype=torch.long)
-        random_tokens = allowed[torch.randint(len(allowed), input_ids.shape, generator=g)]  # (B, T)
-        corrupted = input_ids.clone()
-        corrupted[chosen & (action < 0.8)] = self.mask_id
-        replace = chosen & (action >= 0.8) & (action < 0.9)
-        corrupted[replace] = random_tokens[replace]
+        corrupted, labels = mask_tokens(input_ids, self.mask_id, self.vocab_size, self.special_ids, mask,
+                                        MaskingConfig(probability=self.probability), self.generator)  # (B, T) each
         return {"input_ids": corrupted, "attention_mask": mask, "labels": labels}
 
 
