@@ -42,8 +42,15 @@ _LAZY = {
                      "RotaryEmbedding", "causal_mask", "padding_mask"], "companion.nn"),
     # model families, counting, Hugging Face interop
     **dict.fromkeys(["GPT", "GPTConfig", "Llama", "LlamaConfig", "Bert", "BertConfig", "BertForPreTraining", "T5",
-                     "T5Config", "count_parameters", "flops_per_token", "CheckpointError", "greedy_generate",
+                     "T5Config", "count_parameters", "flops_per_token", "greedy_generate",
                      "mean_pool"], "companion.models"),
+    # pretraining objectives and the trainer
+    **dict.fromkeys(["causal_lm_loss", "mask_tokens", "nsp_pairs", "bert_pretraining_loss", "MaskingConfig"],
+                    "companion.objectives"),
+    **dict.fromkeys(["Trainer", "TrainConfig", "OptimizerConfig", "lr_at", "build_optimizer", "save_checkpoint",
+                     "load_checkpoint", "History", "plot_history"], "companion.training"),
+    "load_pretrained": "companion.training.recipes",
+    "CheckpointError": "companion.errors",
     "load_hf_model": "companion.models",  # alias of companion.models.from_pretrained
     "save_hf_model": "companion.models",  # alias of companion.models.save_pretrained
 }

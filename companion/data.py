@@ -72,7 +72,7 @@ def write_manifest(entries: dict[str, DataFile], path: Path) -> None:
         del entry["name"]
         files[name] = entry
     text = json.dumps({"files": files}, ensure_ascii=False, indent=2) + "\n"
-    _atomic_write_bytes(path, text.encode("utf-8"))
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def sha256sum(path: Path) -> str:
@@ -171,7 +171,9 @@ def download(entry: DataFile, url: str, dest: Path) -> Path:
             os.unlink(tmp)
 
 
-def _atomic_write_bytes(path: Path, payload: bytes) -> None:
+def atomic_write_bytes(path: Path, payload: bytes) -> None:
+    """Write ``payload`` to a temporary file beside ``path``, fsync, then rename over ``path``: a crash leaves
+    either the old file or the new one, never a partial file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
     try:

@@ -21,16 +21,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from companion.errors import CheckpointError
 from companion.models.bert import Bert, BertConfig, BertForPreTraining
 from companion.models.gpt import GPT, GPTConfig
 from companion.models.llama import Llama, LlamaConfig
 from companion.models.t5 import T5, T5Config
 
 Tensors = list[torch.Tensor]
-
-
-class CheckpointError(ValueError):
-    """A checkpoint's tensors do not match the model: lists missing, unexpected and mis-shaped keys."""
 
 
 @dataclass(frozen=True)

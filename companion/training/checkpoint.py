@@ -27,12 +27,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_model
 from torch import nn
 
+from companion.data import atomic_write_bytes
+from companion.errors import CheckpointError
+
 FORMAT_VERSION = 1
 WEIGHTS, STATE, LATEST = "model.safetensors", "state.pt", "LATEST"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, corrupt, or does not fit the model/optimizer it is loaded into."""
 
 
 def _sha256(path: Path) -> str:
@@ -57,19 +56,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def save_checkpoint(run_dir: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None, step: int,
@@ -107,7 +93,7 @@ def save_checkpoint(run_dir: str | Path, model: nn.Module, optimizer: torch.opti
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
-    _atomic_write_text(run_dir / LATEST, final.name + "\n")
+    atomic_write_bytes(run_dir / LATEST, (final.name + "\n").encode())
     for old in sorted(run_dir.glob("step-*"))[:-keep]:
         shutil.rmtree(old)
     return final
