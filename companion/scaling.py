@@ -111,16 +111,3 @@ def weight_memory_bytes(n_params: float, precision: str = "bf16") -> float:
         raise ValueError(f"precision must be one of {sorted(BYTES_PER_PARAM)}, got {precision!r}")
     return n * BYTES_PER_PARAM[precision]
 
-
-def gpt2_param_count(n_layers: int, d_model: int, vocab_size: int, n_ctx: int) -> int:
-    """Exact parameter count of a GPT-2 style decoder (learned positions, biases, tied output head).
-
-    Per block: LayerNorm 2C, QKV C*3C + 3C, attention output C*C + C, LayerNorm 2C, MLP C*4C + 4C and
-    4C*C + C, i.e. 12 C**2 + 13 C. Plus token embeddings V*C, position embeddings n_ctx*C and the final
-    LayerNorm 2C. The 12 * n_layers * C**2 term is Kaplan et al.'s non-embedding approximation.
-    """
-    for name, value in (("n_layers", n_layers), ("d_model", d_model), ("vocab_size", vocab_size), ("n_ctx", n_ctx)):
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
-    c = d_model
-    return n_layers * (12 * c * c + 13 * c) + vocab_size * c + n_ctx * c + 2 * c
