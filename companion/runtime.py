@@ -112,6 +112,7 @@ def quiet() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm.auto without ipywidgets
     if "datasets" in sys.modules:
         sys.modules["datasets"].disable_progress_bars()
 
