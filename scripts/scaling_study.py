@@ -6,7 +6,7 @@ Each (size, budget) pair is its own run with a cosine schedule that ends at its 
 N counts all parameters (token embeddings included, as Chinchilla does; the tied output head does real compute),
 compute is C = 6 N D (:func:`companion.scaling.training_flops`).
 
-    .venv/bin/python scripts/scaling_study.py            # ~8 minutes on one CPU core
+    .venv/bin/python scripts/scaling_study.py            # ~5 minutes on one CPU core
     .venv/bin/python scripts/scaling_study.py --help
 """
 
@@ -45,7 +45,8 @@ def main() -> None:
     parser.add_argument("--max-chars", type=int, default=1000, help="character vocabulary size")
     parser.add_argument("--train-poems", type=int, default=8000, help="training poems (enough that no run repeats data)")
     parser.add_argument("--eval-poems", type=int, default=200, help="validation poems for the final loss")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: tiny models gain little from more, and it is robust on a busy machine)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (1: tiny models gain little from more, and one is robust on a busy machine)")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
