@@ -43,10 +43,11 @@ def main() -> None:
     parser.add_argument("--block-size", type=int, default=32, help="tokens per sequence (T)")
     parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (cosine to lr/10, 10%% warm-up)")
     parser.add_argument("--max-chars", type=int, default=1000, help="character vocabulary size")
-    parser.add_argument("--train-poems", type=int, default=8000, help="training poems (enough that no run repeats data)")
+    parser.add_argument("--train-poems", type=int, default=8000,
+                        help="training poems (enough that no run repeats data)")
     parser.add_argument("--eval-poems", type=int, default=200, help="validation poems for the final loss")
     parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (1: tiny models gain little from more, and one is robust on a busy machine)")
+                        help="torch CPU threads (1: tiny models gain little from more; robust on a busy machine)")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -59,7 +60,8 @@ def main() -> None:
     eval_rows = examples("causal_lm", tok, eval_texts, T, seed=1)
     needed = max(args.steps) * args.batch_size
     if len(train_rows) < needed:
-        raise ValueError(f"{len(train_rows)} training blocks, but the largest budget needs {needed}: raise --train-poems")
+        raise ValueError(f"{len(train_rows)} training blocks, but the largest budget needs {needed}: "
+                         "raise --train-poems")
     print(f"vocabulary {tok.vocab_size}, {len(train_rows)} training and {len(eval_rows)} validation blocks of {T}")
 
     out = Path(args.out)
