@@ -34,6 +34,7 @@ def test_notebook_conventions(path):
     title, setup = nb.cells[0], nb.cells[1]
     assert title.cell_type == "markdown" and title.source.startswith("# "), "cell 1 must be a '# title'"
     assert setup.cell_type == "code" and setup.source == SETUP_CELL, "cell 2 must be tools/notebooks.py's SETUP_CELL"
+    assert "hide-input" in setup.metadata.get("tags", []), "the setup cell is collapsed in the book (tag hide-input)"
     assert nb.metadata["kernelspec"]["name"] == "python3"
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert all(c.get("execution_count") for c in code), "every code cell must be executed (outputs committed)"

@@ -44,7 +44,9 @@ def new(path: Path, title: str) -> None:
     nb = nbformat.v4.new_notebook()
     nb.metadata["kernelspec"] = KERNELSPEC
     nb.metadata["language_info"] = {"name": "python"}
-    nb.cells = [nbformat.v4.new_markdown_cell(f"# {title}"), nbformat.v4.new_code_cell(SETUP_CELL)]
+    setup = nbformat.v4.new_code_cell(SETUP_CELL)
+    setup.metadata["tags"] = ["hide-input"]  # collapsed in the HTML book
+    nb.cells = [nbformat.v4.new_markdown_cell(f"# {title}"), setup]
     path.parent.mkdir(parents=True, exist_ok=True)
     nbformat.write(nb, path)
 
@@ -62,6 +64,7 @@ def sync() -> None:
     for path in notebooks():
         nb = nbformat.read(path, as_version=4)
         nb.cells[1].source = SETUP_CELL
+        nb.cells[1].metadata["tags"] = ["hide-input"]  # collapsed in the HTML book
         nbformat.write(nb, path)
 
 
