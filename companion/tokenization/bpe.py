@@ -271,7 +271,9 @@ class BPETokenizer(Tokenizer):
             return [self.encode(t) for t in texts]
         if self._hf is None:
             self._hf = self.to_hf()
-        return [e.ids for e in self._hf.encode_batch(texts, add_special_tokens=False)]
+        # encode_batch_fast (tokenizers >= 0.21) skips the character offsets we do not return
+        encode = getattr(self._hf, "encode_batch_fast", self._hf.encode_batch)
+        return [e.ids for e in encode(texts, add_special_tokens=False)]
 
     # ------------------------------------------------------------------ persistence
     def to_dict(self) -> dict:
