@@ -64,6 +64,7 @@ def test_decoder_only_parity_and_round_trip(factory, cls, ids, tmp_path):
     theirs.save_pretrained(tmp_path / "hf")
     ours = from_pretrained(tmp_path / "hf")
     assert isinstance(ours, cls)
+    theirs, ours = theirs.double(), ours.double()
     with torch.no_grad():
         ref = theirs(ids).logits
         torch.testing.assert_close(ours(ids), ref, atol=ATOL, rtol=0)
@@ -73,7 +74,7 @@ def test_decoder_only_parity_and_round_trip(factory, cls, ids, tmp_path):
             seq = torch.cat([seq, theirs(seq).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
     assert torch.equal(greedy_generate(ours, ids, 8), seq)
     save_pretrained(ours, tmp_path / "ours")
-    back = type(theirs).from_pretrained(tmp_path / "ours").eval()
+    back = type(theirs).from_pretrained(tmp_path / "ours").eval().double()
     with torch.no_grad():
         torch.testing.assert_close(back(ids).logits, ref, atol=ATOL, rtol=0)
 
@@ -83,6 +84,7 @@ def test_bert_parity_and_round_trip(ids, tmp_path):
     theirs.save_pretrained(tmp_path / "hf")
     ours = from_pretrained(tmp_path / "hf")
     assert isinstance(ours, BertForPreTraining)
+    theirs, ours = theirs.double(), ours.double()
     mask = torch.ones_like(ids)
     mask[1, 6:] = 0  # padding in the second sequence
     types = torch.zeros_like(ids)
@@ -99,7 +101,7 @@ def test_bert_parity_and_round_trip(ids, tmp_path):
         torch.testing.assert_close(pooled, hf_out.pooler_output, atol=ATOL, rtol=0)
     assert torch.equal(mlm.argmax(-1), ref.prediction_logits.argmax(-1))  # the MLM's greedy fill-in of every slot
     save_pretrained(ours, tmp_path / "ours")
-    back = tr.BertForPreTraining.from_pretrained(tmp_path / "ours").eval()
+    back = tr.BertForPreTraining.from_pretrained(tmp_path / "ours").eval().double()
     with torch.no_grad():
         torch.testing.assert_close(back(ids, attention_mask=mask, token_type_ids=types).prediction_logits,
                                    ref.prediction_logits, atol=ATOL, rtol=0)
@@ -107,6 +109,7 @@ def test_bert_parity_and_round_trip(ids, tmp_path):
     save_pretrained(ours.bert, tmp_path / "encoder")
     enc = from_pretrained(tmp_path / "encoder")
     assert isinstance(enc, Bert)
+    enc = enc.double()
     with torch.no_grad():
         torch.testing.assert_close(enc(ids, types, mask)[0][real], hf_out.last_hidden_state[real], atol=ATOL, rtol=0)
 
@@ -116,6 +119,7 @@ def test_t5_parity_and_round_trip(ids, tmp_path):
     theirs.save_pretrained(tmp_path / "hf")
     ours = from_pretrained(tmp_path / "hf")
     assert isinstance(ours, T5)
+    theirs, ours = theirs.double(), ours.double()
     mask = torch.ones_like(ids)
     mask[0, 7:] = 0
     dec = torch.randint(1, V, (2, 6), generator=torch.Generator().manual_seed(2))
@@ -128,7 +132,7 @@ def test_t5_parity_and_round_trip(ids, tmp_path):
             seq = torch.cat([seq, step[:, -1].argmax(-1, keepdim=True)], dim=1)
     assert torch.equal(ours.generate_greedy(ids, 7, mask), seq)
     save_pretrained(ours, tmp_path / "ours")
-    back = tr.T5ForConditionalGeneration.from_pretrained(tmp_path / "ours").eval()
+    back = tr.T5ForConditionalGeneration.from_pretrained(tmp_path / "ours").eval().double()
     with torch.no_grad():
         torch.testing.assert_close(back(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits, ref,
                                    atol=ATOL, rtol=0)
