@@ -6,10 +6,12 @@ sampling strategies and faster caches belong to chapter 10 (inference).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
-from companion.nn.attention import KVCache
+from companion.nn.attention import KVCache, KVCacheLike
 
 
 def check_length(t: int, n_ctx: int, offset: int = 0) -> None:
@@ -19,6 +21,15 @@ def check_length(t: int, n_ctx: int, offset: int = 0) -> None:
     if offset + t > n_ctx:
         cached = f" after {offset} cached tokens" if offset else ""
         raise ValueError(f"sequence length {t}{cached} exceeds the context length n_ctx={n_ctx}")
+
+
+def start_position(idx: torch.Tensor, kv_caches: Sequence[KVCacheLike] | None, n_ctx: int) -> int:
+    """Validate decoder input ids (B, T) and return the position of their first token (tokens already cached)."""
+    if idx.dim() != 2:
+        raise ValueError(f"idx must have shape (B, T), got {tuple(idx.shape)}")
+    offset = 0 if kv_caches is None else kv_caches[0].seq_len
+    check_length(idx.shape[1], n_ctx, offset)
+    return offset
 
 
 def init_weights(module: nn.Module, std: float = 0.02) -> None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from companion.models.base import check_length, init_weights
+from companion.models.base import init_weights, start_position
 from companion.nn.attention import Backend, KVCacheLike
 from companion.nn.block import BlockConfig, TransformerBlock
 from companion.nn.layers import FFNKind, LayerNorm
@@ -90,10 +90,7 @@ class GPT(nn.Module):
             self.lm_head.weight = self.tok_emb.weight
 
     def forward(self, idx: torch.Tensor, kv_caches: Sequence[KVCacheLike] | None = None) -> torch.Tensor:
-        if idx.dim() != 2:
-            raise ValueError(f"idx must have shape (B, T), got {tuple(idx.shape)}")
-        offset = 0 if kv_caches is None else kv_caches[0].seq_len
-        check_length(idx.shape[1], self.config.n_ctx, offset)
+        offset = start_position(idx, kv_caches, self.config.n_ctx)
         x = self.drop(self.pos_emb(self.tok_emb(idx), offset=offset))  # (B, T, C)
         for i, block in enumerate(self.blocks):
             x = block(x, kv_cache=None if kv_caches is None else kv_caches[i])  # (B, T, C)

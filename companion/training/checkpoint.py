@@ -13,7 +13,6 @@ is replaced the same way: a crash at any moment leaves the previous checkpoint i
 
 from __future__ import annotations
 
-import hashlib
 import os
 import random
 import shutil
@@ -27,19 +26,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_model
 from torch import nn
 
-from companion.data import atomic_write_bytes
+from companion.data import atomic_write_bytes, sha256sum
 from companion.errors import CheckpointError
 
 FORMAT_VERSION = 1
 WEIGHTS, STATE, LATEST = "model.safetensors", "state.pt", "LATEST"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def rng_state() -> dict[str, Any]:
@@ -76,7 +67,7 @@ def save_checkpoint(run_dir: str | Path, model: nn.Module, optimizer: torch.opti
         state = {
             "format_version": FORMAT_VERSION,
             "step": step,
-            "weights_sha256": _sha256(tmp / WEIGHTS),
+            "weights_sha256": sha256sum(tmp / WEIGHTS),
             "shapes": {k: tuple(v.shape) for k, v in model.state_dict().items()},
             "optimizer": None if optimizer is None else optimizer.state_dict(),
             "rng": rng_state(),
@@ -125,7 +116,7 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
     if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
         found = state.get("format_version") if isinstance(state, dict) else type(state).__name__
         raise CheckpointError(f"{state_file} has format version {found!r}; this code reads {FORMAT_VERSION}")
-    actual = _sha256(weights_file)
+    actual = sha256sum(weights_file)
     if actual != state["weights_sha256"]:
         raise CheckpointError(f"{weights_file} is corrupt: sha256 {actual} differs from {state['weights_sha256']} "
                               f"recorded in {state_file}")
