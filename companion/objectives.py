@@ -37,7 +37,7 @@ def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index
 
     logits: (..., V); labels: (...). ``reduction="mean"`` averages over counted positions (NaN-free: raises
     if there are none), ``"sum"`` adds them (for exact token-weighted averages across batches).
-    Computed in float32 whatever the logits' dtype (bf16 log-softmax loses digits).
+    Computed in at least float32 (bf16 log-softmax loses digits); float64 logits stay float64.
     """
     _check_logits_labels(logits, labels)
     if reduction not in ("mean", "sum"):
@@ -45,7 +45,7 @@ def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index
     flat_labels = labels.reshape(-1)  # (N,)
     if reduction == "mean" and not bool((flat_labels != ignore_index).any()):
         raise ValueError(f"every label equals ignore_index={ignore_index}: the mean loss is undefined")
-    flat_logits = logits.reshape(-1, logits.shape[-1]).float()  # (N, V)
+    flat_logits = logits.reshape(-1, logits.shape[-1]).to(torch.promote_types(logits.dtype, torch.float32))  # (N, V)
     return F.cross_entropy(flat_logits, flat_labels, ignore_index=ignore_index, reduction=reduction)
 
 
