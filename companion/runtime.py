@@ -14,6 +14,7 @@ import random
 import sys
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -81,13 +82,47 @@ class Precision:
 
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+CUDA_BF16_CAPABILITY = (8, 0)  # Ampere: the first NVIDIA GPUs whose tensor cores compute in bfloat16
+_CPU_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})  # x86 AVX512-BF16, AMX-BF16; ARM FEAT_BF16 ("bf16")
+
+
+def cuda_has_native_bf16(device: torch.device | str | None = None) -> bool:
+    """Whether the CUDA ``device`` computes bfloat16 in hardware: compute capability >= 8.0 (A100, A10, L4, H100).
+
+    Not ``torch.cuda.is_bf16_supported()``: with its default ``including_emulation=True`` it also answers True on a
+    T4 (7.5) or V100 (7.0), where bfloat16 runs emulated, far slower than their float16 tensor cores.
+    """
+    return tuple(torch.cuda.get_device_capability(device)) >= CUDA_BF16_CAPABILITY
+
+
+def cpu_has_native_bf16(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
+    """Whether this CPU has bfloat16 instructions (x86 AVX512-BF16 or AMX-BF16, ARM BF16).
+
+    Read from the ``flags`` (x86) or ``Features`` (ARM) lines of ``cpuinfo``; where that file does not exist (macOS,
+    Windows) from PyTorch's own x86 probe, else False. (``torch.backends.cpu.get_cpu_capability()`` names the kernel
+    family ATen dispatches to, e.g. "AVX512", which does not say whether bfloat16 instructions exist.)
+    """
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+        return bool(probe()) if probe is not None else False
+    flags: set[str] = set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            flags.update(value.split())
+    return bool(flags & _CPU_BF16_FLAGS)
 
 
 def choose_precision(device: torch.device | str | None = None, prefer: str | None = None) -> Precision:
     """Pick the training precision for ``device``.
 
-    CUDA with bfloat16 support (Ampere and newer: A100, H100, L4) -> bf16; older CUDA (T4, V100) -> fp16
-    with a GradScaler; CPU and MPS -> fp32. ``prefer`` ("fp32", "bf16", "fp16") overrides the choice.
+    CUDA: bf16 when the compute capability is at least 8.0 (Ampere and newer: A100 8.0, A10 8.6, L4 8.9, H100 9.0),
+    else fp16 with a GradScaler (V100 7.0, T4 7.5); see :func:`cuda_has_native_bf16` for why the capability decides.
+    CPU and MPS: fp32, also on CPUs with bfloat16 instructions (:func:`cpu_has_native_bf16`), so that results are the
+    same on every CPU; ask for bf16 with ``prefer="bf16"``. ``prefer`` ("fp32", "bf16", "fp16") overrides the choice;
+    fp16 on the CPU is refused.
     """
     device = choose_device(None if device is None else str(device))
     if prefer is not None:
@@ -97,7 +132,7 @@ def choose_precision(device: torch.device | str | None = None, prefer: str | Non
         if dtype == torch.float16 and device.type == "cpu":
             raise ValueError("fp16 autocast on the CPU is slow and unsupported here; use 'bf16' or 'fp32'")
     elif device.type == "cuda":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        dtype = torch.bfloat16 if cuda_has_native_bf16(device) else torch.float16
     else:
         dtype = torch.float32
     return Precision(device=device, dtype=dtype, grad_scaler=dtype == torch.float16)
