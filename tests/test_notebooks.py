@@ -116,3 +116,89 @@ def test_nbval_collects_every_book_notebook_and_nothing_from_build():
     collected = {line.split("::")[0] for line in result.stdout.splitlines() if ".ipynb::" in line}
     assert collected == set(_ids(NOTEBOOKS)), result.stdout[-2000:]
     assert not any("_build" in c for c in collected)
+
+
+def _notebook_imports(path):
+    """Top-level module names imported by a notebook's code cells (the setup cell's Colab branch excluded)."""
+    import ast
+
+    names = set()
+    for cell in nbformat.read(path, as_version=4).cells[2:]:
+        if cell.cell_type != "code":
+            continue
+        source = "\n".join(line for line in cell.source.splitlines() if not line.lstrip().startswith(("%", "!")))
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.Import):
+                names.update(alias.name.split(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names.add(node.module.split(".")[0])
+    return names
+
+
+def _installed_closure(requirement):
+    """Distributions (normalised names) that installing ``requirement`` brings, read from installed metadata."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    seen, todo = set(), [(Requirement(requirement), frozenset(Requirement(requirement).extras))]
+    while todo:
+        req, extras = todo.pop()
+        name = canonicalize_name(req.name)
+        key = (name, extras)
+        if key in seen:
+            continue
+        seen.add(key)
+        if name == "companion":
+            import tomllib
+
+            project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+            deps = list(project["dependencies"]) + [d for e in extras for d in project["optional-dependencies"][e]]
+            todo += [(Requirement(d), frozenset(Requirement(d).extras)) for d in deps]
+            continue
+        for dep in metadata.requires(req.name) or []:
+            dep = Requirement(dep)
+            if dep.marker is None or any(dep.marker.evaluate({"extra": e}) for e in (extras or {""})):
+                todo.append((dep, frozenset(dep.extras)))
+    return {name for name, _ in seen}
+
+
+def test_setup_cell_installs_every_module_a_notebook_imports():
+    """What the Colab setup cell installs (``companion[colab]`` and its dependencies) provides every import."""
+    from importlib import metadata
+
+    from packaging.utils import canonicalize_name
+
+    requirement = re.search(r'"(companion[^"]*) @ git\+', SETUP_CELL).group(1)
+    provided = _installed_closure(requirement)
+    owners = metadata.packages_distributions()
+    missing = {}
+    for path in NOTEBOOKS:
+        for module in _notebook_imports(path):
+            if module in sys.stdlib_module_names or module == "companion":
+                continue
+            dists = {canonicalize_name(d) for d in owners.get(module, [])}
+            if not dists & provided:
+                missing.setdefault(module, []).append(str(path.relative_to(ROOT)))
+    assert not missing, f"imported by notebooks but not installed by {requirement!r}: {missing}"
+
+
+def test_notebooks_call_no_private_names():
+    """A notebook uses the package's public API only (no ``module._private`` attribute or import)."""
+    import ast
+
+    offenders = []
+    for path in NOTEBOOKS:
+        for cell in nbformat.read(path, as_version=4).cells[2:]:
+            if cell.cell_type != "code":
+                continue
+            tree = ast.parse("\n".join(l for l in cell.source.splitlines() if not l.lstrip().startswith(("%", "!"))))
+            for node in ast.walk(tree):
+                private = (isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")
+                           or isinstance(node, ast.ImportFrom) and any(a.name.startswith("_") for a in node.names)
+                           or isinstance(node, ast.ImportFrom) and node.module and any(
+                               p.startswith("_") for p in node.module.split(".")))
+                if private:
+                    offenders.append(f"{path.relative_to(ROOT)}: {ast.unparse(node)[:80]}")
+    assert not offenders, "\n".join(offenders)

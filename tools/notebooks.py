@@ -25,7 +25,7 @@ SETUP_CELL = f"""\
 import sys
 if "google.colab" in sys.modules:
     import subprocess
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "companion @ git+{REPOSITORY_URL}"], check=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "companion[colab] @ git+{REPOSITORY_URL}"], check=True)
     subprocess.run("apt-get -qq install -y fonts-noto-cjk > /dev/null", shell=True, check=True)
 import companion
 companion.setup_notebook(seed=0, threads=2)  # 随机种子、固定线程数、确定性算法、中文字体"""
