@@ -2,8 +2,8 @@
 
 LayerNorm from Ba et al. (2016); RMSNorm from Zhang & Sennrich (2019), which drops the mean and the bias; the
 position-wise feed-forward network of Vaswani et al. (2017) with GELU (exact, or GPT-2's tanh approximation) or
-ReLU, and the gated SwiGLU variant of Shazeer (2020) used by LLaMA. Norms compute in float32 and cast back, as
-LLaMA does.
+ReLU, and the gated SwiGLU variant of Shazeer (2020) used by LLaMA. Norms compute in at least float32 and cast back,
+as LLaMA does: bf16/fp16 are upcast to float32, float32 and float64 stay as they are (see `_compute_dtype`).
 """
 
 from __future__ import annotations
@@ -18,6 +18,12 @@ NormKind = Literal["layer", "rms"]
 FFNKind = Literal["gelu", "gelu_tanh", "relu", "swiglu"]
 
 
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a norm computes in: float32 for bf16/fp16/float32, float64 for float64 (``x.float()`` would
+    silently turn a float64 check into a float32 one)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 class LayerNorm(nn.Module):
     """y = (x - mean) / sqrt(var + eps) * weight + bias over the last dimension (biased variance)."""
 
@@ -28,7 +34,7 @@ class LayerNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.float()
+        h = x.to(_compute_dtype(x.dtype))
         mean = h.mean(dim=-1, keepdim=True)
         var = h.var(dim=-1, keepdim=True, unbiased=False)
         y = (h - mean) * torch.rsqrt(var + self.eps) * self.weight
@@ -46,7 +52,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.float()
+        h = x.to(_compute_dtype(x.dtype))
         y = h * torch.rsqrt(h.pow(2).mean(dim=-1, keepdim=True) + self.eps)
         return (y * self.weight).to(x.dtype)
 

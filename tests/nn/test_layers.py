@@ -73,3 +73,37 @@ def test_gelu_tanh_is_gpt2s_approximation():
     gpt2_gelu = 0.5 * h * (1 + torch.tanh((2 / torch.pi) ** 0.5 * (h + 0.044715 * h**3)))
     torch.testing.assert_close(ffn(x), ffn.down(gpt2_gelu), rtol=1e-5, atol=1e-5)
     assert not torch.allclose(ffn(x), ffn.down(F.gelu(h)), rtol=0, atol=1e-7)  # differs from exact GELU
+
+
+def test_norms_compute_in_float64_for_float64_input():
+    # The formulas written out in float64; a norm that upcast with x.float() would be off by ~1e-7 here.
+    torch.manual_seed(0)
+    x = torch.randn(3, 7, 24, dtype=torch.float64) * 5 + 2
+    w, b = torch.randn(24, dtype=torch.float64), torch.randn(24, dtype=torch.float64)
+    rms = RMSNorm(24, eps=1e-6).double()
+    layer = LayerNorm(24, eps=1e-5).double()
+    with torch.no_grad():
+        rms.weight.copy_(w)
+        layer.weight.copy_(w)
+        layer.bias.copy_(b)
+    expected_rms = x / (x.pow(2).mean(-1, keepdim=True) + 1e-6).sqrt() * w
+    mean = x.mean(-1, keepdim=True)
+    expected_layer = (x - mean) / ((x - mean).pow(2).mean(-1, keepdim=True) + 1e-5).sqrt() * w + b
+    for ours, expected in ((rms(x), expected_rms), (layer(x), expected_layer)):
+        assert ours.dtype == torch.float64
+        torch.testing.assert_close(ours, expected, rtol=0, atol=1e-12)
+    torch.testing.assert_close(layer(x), F.layer_norm(x, (24,), w, b, eps=1e-5), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_norms_compute_in_float32_below_float64(dtype):
+    # float32 stays float32, bf16/fp16 are upcast to float32 and cast back: bit-identical to that computation.
+    torch.manual_seed(0)
+    x = (torch.randn(3, 7, 24) * 5 + 2).to(dtype)
+    rms, layer = RMSNorm(24), LayerNorm(24)
+    randomise(rms, layer)
+    h = x.to(torch.float32)
+    expected_rms = (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + rms.eps) * rms.weight).to(dtype)
+    mean, var = h.mean(-1, keepdim=True), h.var(-1, keepdim=True, unbiased=False)
+    expected_layer = ((h - mean) * torch.rsqrt(var + layer.eps) * layer.weight + layer.bias).to(dtype)
+    assert torch.equal(rms(x), expected_rms) and torch.equal(layer(x), expected_layer)
