@@ -6,7 +6,7 @@ transform in each direction (GPT-2 stores linear layers as (in, out) `Conv1D` we
 `c_attn`). Only the local filesystem is read: nothing is downloaded. Tied copies (`lm_head.weight`, T5's per-stack
 `embed_tokens`) are not written, as `save_pretrained` does; when present in a checkpoint they must equal the tensor
 they are tied to. A checkpoint whose keys do not fit raises `CheckpointError` listing every missing, unexpected and
-mis-shaped key.
+mis-shaped key. Llama's RoPE scaling ("linear", "llama3") is read and written; other rope types are refused.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from companion.models.bert import Bert, BertConfig, BertForPreTraining
 from companion.models.gpt import GPT, GPTConfig
 from companion.models.llama import Llama, LlamaConfig
 from companion.models.t5 import T5, T5Config
+from companion.nn.positional import RopeScaling
 
 Tensors = list[torch.Tensor]
 
@@ -206,6 +207,50 @@ def _require(hf: dict, key: str, allowed: tuple, default=None) -> None:
         raise ValueError(f"unsupported {hf.get('model_type')} config: {key}={value!r} (supported: {allowed})")
 
 
+def _llama_rope_from_hf(hf: dict) -> tuple[float, RopeScaling | None]:
+    """(theta, scaling) from a Llama config.json as transformers reads it: transformers 5 writes ``rope_parameters``
+    (rope_type, rope_theta, scaling fields), 4.x wrote ``rope_scaling`` (``type`` before 4.42) beside a top-level
+    ``rope_theta``; like transformers, ``rope_scaling`` wins when both are there. Only "default", "linear" and
+    "llama3" are implemented: any other rope_type (yarn, dynamic, longrope, ...) raises instead of loading as plain
+    RoPE and giving wrong logits."""
+    rope = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", "linear", "llama3"):
+        raise ValueError(f"unsupported llama config: rope_type={rope_type!r} (supported: 'default', 'linear', 'llama3')")
+    partial = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+    if partial not in (1, 1.0, None):
+        raise ValueError(f"unsupported llama config: partial_rotary_factor={partial!r} (only 1.0: RoPE on the whole head)")
+    theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+
+    def field(key: str) -> float:
+        if key not in rope:
+            raise ValueError(f"llama config with rope_type={rope_type!r} lacks {key!r} in its RoPE parameters {rope}")
+        return rope[key]
+
+    if rope_type == "linear":
+        return theta, RopeScaling.linear(field("factor"))
+    if rope_type == "llama3":  # pretraining length: a top-level field first, as transformers' standardize_rope_params
+        original = hf.get("original_max_position_embeddings") or rope.get("original_max_position_embeddings") \
+            or hf.get("max_position_embeddings", 2048)
+        return theta, RopeScaling.llama3(field("factor"), field("low_freq_factor"), field("high_freq_factor"), original)
+    return theta, None
+
+
+def _llama_rope_to_hf(c: LlamaConfig) -> dict:
+    """RoPE fields for config.json, readable by transformers 5 (``rope_parameters``) and 4.x (``rope_theta``,
+    ``rope_scaling``)."""
+    s = c.rope_scaling
+    if s is None:
+        scaling = None
+    elif s.rope_type == "linear":
+        scaling = {"rope_type": "linear", "factor": s.factor}
+    else:
+        scaling = {"rope_type": "llama3", "factor": s.factor, "low_freq_factor": s.low_freq_factor,
+                   "high_freq_factor": s.high_freq_factor, "original_max_position_embeddings": s.original_max_position_embeddings}
+    parameters = {"rope_theta": c.rope_base, **(scaling or {"rope_type": "default"})}
+    return {"rope_theta": c.rope_base, "rope_scaling": scaling, "rope_parameters": parameters}
+
+
 def config_from_hf(hf: dict) -> GPTConfig | LlamaConfig | BertConfig | T5Config:
     """Our config from a transformers config.json dict; raises on features our models do not implement."""
     kind = hf.get("model_type")
@@ -221,8 +266,7 @@ def config_from_hf(hf: dict) -> GPTConfig | LlamaConfig | BertConfig | T5Config:
         _require(hf, "hidden_act", ("silu",), "silu")
         _require(hf, "attention_bias", (False,), False)
         _require(hf, "mlp_bias", (False,), False)
-        rope = hf.get("rope_parameters") or {}
-        _require({"model_type": kind, "rope_type": rope.get("rope_type", "default")}, "rope_type", ("default",))
+        rope_base, rope_scaling = _llama_rope_from_hf(hf)
         head_dim = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
         if head_dim * hf["num_attention_heads"] != hf["hidden_size"]:
             raise ValueError(f"head_dim * num_attention_heads must equal hidden_size, got {head_dim} * "
@@ -230,7 +274,7 @@ def config_from_hf(hf: dict) -> GPTConfig | LlamaConfig | BertConfig | T5Config:
         return LlamaConfig(vocab_size=hf["vocab_size"], n_ctx=hf.get("max_position_embeddings", 2048),
                            n_layers=hf["num_hidden_layers"], d_model=hf["hidden_size"], n_heads=hf["num_attention_heads"],
                            n_kv_heads=hf.get("num_key_value_heads"), d_ff=hf["intermediate_size"],
-                           norm_eps=hf.get("rms_norm_eps", 1e-6), rope_base=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
+                           norm_eps=hf.get("rms_norm_eps", 1e-6), rope_base=rope_base, rope_scaling=rope_scaling,
                            tie_embeddings=hf.get("tie_word_embeddings", False))
     if kind == "bert":
         _require(hf, "hidden_act", ("gelu",), "gelu")
@@ -266,7 +310,7 @@ def config_to_hf(model: nn.Module) -> dict:
                 "max_position_embeddings": c.n_ctx, "num_hidden_layers": c.n_layers, "hidden_size": c.d_model,
                 "num_attention_heads": c.n_heads, "num_key_value_heads": c.n_kv_heads or c.n_heads,
                 "intermediate_size": c.d_ff, "rms_norm_eps": c.norm_eps, "hidden_act": "silu",
-                "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_base}, "tie_word_embeddings": c.tie_embeddings}
+                **_llama_rope_to_hf(c), "tie_word_embeddings": c.tie_embeddings}
     if isinstance(model, (Bert, BertForPreTraining)):
         arch = "BertForPreTraining" if isinstance(model, BertForPreTraining) else "BertModel"
         return {"model_type": "bert", "architectures": [arch], "vocab_size": c.vocab_size, "max_position_embeddings": c.n_ctx,

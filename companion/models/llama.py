@@ -2,7 +2,8 @@
 
 Touvron et al. (2023), "LLaMA" and "Llama 2": pre-norm RMSNorm (Zhang & Sennrich, 2019), SwiGLU MLP (Shazeer,
 2020), rotary positions inside attention (Su et al., 2021), no biases, an untied output head, and grouped-query
-attention (Ainslie et al., 2023) when ``n_kv_heads < n_heads``. Loads from Hugging Face `LlamaForCausalLM`.
+attention (Ainslie et al., 2023) when ``n_kv_heads < n_heads``; Llama 3.1/3.2 stretch RoPE for long contexts
+(``rope_scaling``, see `companion.nn.positional.RopeScaling`). Loads from Hugging Face `LlamaForCausalLM`.
 """
 
 from __future__ import annotations
@@ -17,11 +18,12 @@ from companion.models.base import init_weights, start_position
 from companion.nn.attention import Backend, KVCacheLike
 from companion.nn.block import BlockConfig, TransformerBlock
 from companion.nn.layers import RMSNorm
+from companion.nn.positional import RopeScaling, RotaryEmbedding
 
 
 @dataclass(frozen=True)
 class LlamaConfig:
-    """Shape of a LLaMA-style model. Presets: `tiny`, `llama2_7b`, `llama3_8b`."""
+    """Shape of a LLaMA-style model. Presets: `tiny`, `llama2_7b`, `llama3_8b`, `llama3_1_8b`."""
 
     vocab_size: int = 32000  # V, SentencePiece vocabulary of LLaMA 1/2
     n_ctx: int = 4096  # longest sequence the model is used with (RoPE itself has no table)
@@ -32,6 +34,7 @@ class LlamaConfig:
     d_ff: int = 11008  # SwiGLU hidden width (about 2/3 * 4C, rounded up to a multiple of 256)
     norm_eps: float = 1e-5  # RMSNorm epsilon
     rope_base: float = 10000.0  # RoPE theta
+    rope_scaling: RopeScaling | None = None  # RoPE frequency rescaling for long contexts (None: plain RoPE)
     tie_embeddings: bool = False  # LLaMA keeps a separate output matrix; small Qwen/Llama-3.2 models tie it
     dropout: float = 0.0  # LLaMA trains without dropout
     backend: Backend = "torch"  # attention kernel
@@ -40,6 +43,8 @@ class LlamaConfig:
         for name in ("vocab_size", "n_ctx", "n_layers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
+            raise ValueError(f"rope_scaling must be a RopeScaling or None, got {self.rope_scaling!r}")
         self.block()  # validates widths, heads, RoPE head dim
 
     def block(self) -> BlockConfig:
@@ -63,6 +68,12 @@ class LlamaConfig:
     def llama3_8b(cls) -> LlamaConfig:
         return cls(vocab_size=128256, n_ctx=8192, n_kv_heads=8, d_ff=14336, rope_base=500000.0)  # 8.03B
 
+    @classmethod
+    def llama3_1_8b(cls) -> LlamaConfig:
+        """Llama 3.1 8B: Llama 3's shape, the 8K pretraining context stretched to 128K by the "llama3" RoPE scaling."""
+        return cls(vocab_size=128256, n_ctx=131072, n_kv_heads=8, d_ff=14336, rope_base=500000.0,
+                   rope_scaling=RopeScaling.llama3())  # 8.03B
+
 
 class Llama(nn.Module):
     """forward(idx (B, T), kv_caches=None) -> logits (B, T, V)."""
@@ -72,6 +83,9 @@ class Llama(nn.Module):
         self.config = config
         self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
         self.blocks = nn.ModuleList(TransformerBlock(config.block()) for _ in range(config.n_layers))
+        if config.rope_scaling is not None:  # the block config knows only plain RoPE: swap in the scaled one
+            for block in self.blocks:
+                block.self_attn.rope = RotaryEmbedding(config.head_dim, config.rope_base, config.rope_scaling)
         self.norm = RMSNorm(config.d_model, eps=config.norm_eps)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.apply(init_weights)

@@ -4,11 +4,16 @@ Sinusoidal from Vaswani et al. (2017); RoPE from Su et al. (2021, RoFormer), in 
 LLaMA / Hugging Face (pairs (i, i + D/2) rotate together, a fixed permutation of the paper's interleaved pairs);
 ALiBi from Press et al. (2022), with the paper's slopes, including its rule for head counts that are not powers of
 two. Sinusoidal and learned encodings are added to the token embeddings; RoPE and ALiBi act inside attention.
+RoPE's frequencies can be rescaled for longer contexts as Hugging Face's ``rope_type`` "linear" (position
+interpolation, Chen et al., 2023) and "llama3" (Llama 3.1) do; angles are computed in float32, or in float64 for
+float64 input.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
@@ -63,30 +68,96 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([-x2, x1], dim=-1)
 
 
+@dataclass(frozen=True)
+class RopeScaling:
+    """Stretches RoPE's wavelengths so that a model pretrained on short contexts reads longer ones (HF rope_scaling).
+
+    "linear" divides every frequency by ``factor`` (position interpolation). "llama3" (Llama 3.1/3.2) divides only
+    the low frequencies, whose wavelength exceeds ``original_max_position_embeddings / low_freq_factor``; keeps the
+    high ones, with wavelength below ``original_max_position_embeddings / high_freq_factor``; and interpolates
+    smoothly in between. Presets: `linear`, `llama3`.
+    """
+
+    rope_type: Literal["linear", "llama3"]  # the scaling rule, named as in Hugging Face's rope_type
+    factor: float  # how much longer the contexts are than in pretraining (>= 1)
+    low_freq_factor: float = 1.0  # llama3 only: wavelengths above original / low_freq_factor are divided by factor
+    high_freq_factor: float = 4.0  # llama3 only: wavelengths below original / high_freq_factor are kept
+    original_max_position_embeddings: int = 8192  # llama3 only: the context length of pretraining
+
+    def __post_init__(self) -> None:
+        if self.rope_type not in ("linear", "llama3"):
+            raise ValueError(f"rope_type must be 'linear' or 'llama3', got {self.rope_type!r}")
+        if not self.factor >= 1:
+            raise ValueError(f"RoPE scaling factor must be >= 1, got {self.factor!r}")
+        if not 0 < self.low_freq_factor < self.high_freq_factor:
+            raise ValueError(f"need 0 < low_freq_factor < high_freq_factor, got "
+                             f"low_freq_factor={self.low_freq_factor!r} and high_freq_factor={self.high_freq_factor!r}")
+        if self.original_max_position_embeddings < 1:
+            raise ValueError(f"original_max_position_embeddings must be positive, got "
+                             f"{self.original_max_position_embeddings!r}")
+
+    @classmethod
+    def linear(cls, factor: float) -> RopeScaling:
+        return cls("linear", factor)
+
+    @classmethod
+    def llama3(cls, factor: float = 8.0, low_freq_factor: float = 1.0, high_freq_factor: float = 4.0,
+               original_max_position_embeddings: int = 8192) -> RopeScaling:
+        """Defaults are Llama 3.1's (8K pretraining context stretched to 128K)."""
+        return cls("llama3", factor, low_freq_factor, high_freq_factor, original_max_position_embeddings)
+
+
+def rope_frequencies(head_dim: int, base: float = 10000.0, scaling: RopeScaling | None = None,
+                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The (D/2,) rotation frequencies theta_i = base^(-2i/D), rescaled by ``scaling``, computed in ``dtype``.
+
+    The operations follow transformers' ``_compute_linear_scaling_rope_parameters`` and ``_compute_llama3_parameters``
+    step by step, so that float32 results agree bit for bit.
+    """
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=dtype) / head_dim))  # (D/2,)
+    if scaling is None:
+        return inv_freq
+    if scaling.rope_type == "linear":
+        return inv_freq / scaling.factor  # the same as dividing the positions by factor
+    original, low, high = scaling.original_max_position_embeddings, scaling.low_freq_factor, scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq  # (D/2,) positions per full turn
+    smooth = (original / wavelen - low) / (high - low)  # 0 at wavelength original/low, 1 at original/high
+    mixed = (1 - smooth) * inv_freq / scaling.factor + smooth * inv_freq
+    scaled = torch.where(wavelen > original / low, inv_freq / scaling.factor, mixed)
+    return torch.where(wavelen < original / high, inv_freq, scaled)  # (D/2,)
+
+
 class RotaryEmbedding(nn.Module):
     """RoPE: rotate each pair (x_i, x_{i+D/2}) of a query/key by the angle p * theta_i, theta_i = base^(-2i/D).
 
-    Then <RoPE(q, m), RoPE(k, n)> depends on the positions only through m - n.
+    Then <RoPE(q, m), RoPE(k, n)> depends on the positions only through m - n. ``scaling`` rescales the theta_i
+    (see `RopeScaling`). Angles are computed in float32 for float32/bf16/fp16 input and in float64 for float64 input.
     forward(x, positions): x (B, H, T, D), positions (T,) or (B, T) -> rotated x of the same shape.
     """
 
-    def __init__(self, head_dim: int, base: float = 10000.0) -> None:
+    def __init__(self, head_dim: int, base: float = 10000.0, scaling: RopeScaling | None = None) -> None:
         super().__init__()
         if head_dim < 2 or head_dim % 2:
             raise ValueError(f"RoPE needs an even head_dim >= 2, got {head_dim!r}")
-        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))  # (D/2,)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        if scaling is not None and not isinstance(scaling, RopeScaling):
+            raise ValueError(f"scaling must be a RopeScaling or None, got {scaling!r}")
+        self.head_dim, self.base, self.scaling = head_dim, base, scaling
+        self.register_buffer("inv_freq", rope_frequencies(head_dim, base, scaling), persistent=False)  # (D/2,)
 
-    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin of the rotation angles, each (..., T, D) for positions (..., T)."""
-        angle = positions.to(torch.float32)[..., None] * self.inv_freq  # (..., T, D/2)
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin of the rotation angles, each (..., T, D) for positions (..., T); float64 if ``dtype`` is."""
+        if dtype == torch.float64:  # frequencies recomputed in float64 (the buffer holds float32 values)
+            inv_freq = rope_frequencies(self.head_dim, self.base, self.scaling, torch.float64).to(positions.device)
+            angle = positions.to(torch.float64)[..., None] * inv_freq  # (..., T, D/2)
+        else:
+            angle = positions.to(torch.float32)[..., None] * self.inv_freq  # (..., T, D/2)
         angle = torch.cat([angle, angle], dim=-1)  # (..., T, D)
         return angle.cos(), angle.sin()
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         if positions.shape[-1] != x.shape[-2]:
             raise ValueError(f"positions of shape {tuple(positions.shape)} do not match T={x.shape[-2]} of x")
-        cos, sin = self.cos_sin(positions)
+        cos, sin = self.cos_sin(positions, torch.promote_types(x.dtype, torch.float32))
         if cos.dim() == 3:  # (B, T, D) -> (B, 1, T, D), shared by the heads
             cos, sin = cos[:, None], sin[:, None]
         return (x * cos + rotate_half(x) * sin).to(x.dtype)

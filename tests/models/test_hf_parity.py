@@ -1,9 +1,17 @@
 """Parity with transformers: tiny randomly initialised HF models -> save_pretrained -> our hf.from_pretrained gives
-the same logits (1e-5) and greedy continuations; ours -> save_pretrained -> transformers loads the same model back."""
+the same logits and greedy continuations; ours -> save_pretrained -> transformers loads the same model back.
+
+Logits are compared in float64. GPT-2 and BERT then agree to ~1e-15 and are held to 1e-12, so that a wrong detail
+(an epsilon, an approximation) shows. Llama and T5 are held to 1e-5 only: transformers computes Llama's RoPE and
+RMSNorm and T5's norm in float32 whatever the model dtype (``LlamaRotaryEmbedding``, ``LlamaRMSNorm``,
+``T5LayerNorm``), so those comparisons carry float32 rounding; tests/nn check our float64 RoPE and RMSNorm against
+the formulas at 1e-12 instead.
+"""
 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -11,11 +19,13 @@ import transformers as tr
 from safetensors.torch import load_file, save_file
 
 from companion.models import Bert, BertForPreTraining, CheckpointError, GPT, Llama, T5, from_pretrained, greedy_generate
-from companion.models.hf import save_pretrained
+from companion.models.hf import config_from_hf, config_to_hf, load_hf_state_dict, save_pretrained
+from companion.nn.positional import RopeScaling
 
 tr.logging.set_verbosity_error()
 tr.logging.disable_progress_bar()
-ATOL = 1e-5
+ATOL = 1e-5  # Llama, T5: transformers rounds their RoPE / norms to float32 even in a float64 model
+ATOL_FLOAT64 = 1e-12  # GPT-2, BERT: float64 end to end on both sides (observed ~1e-15)
 V = 97
 
 
@@ -58,8 +68,9 @@ def ids() -> torch.Tensor:
     return torch.randint(1, V, (2, 9), generator=torch.Generator().manual_seed(1))
 
 
-@pytest.mark.parametrize("factory, cls", [(_gpt2, GPT), (_llama, Llama)], ids=["gpt2", "llama"])
-def test_decoder_only_parity_and_round_trip(factory, cls, ids, tmp_path):
+# Llama only at ATOL: transformers' LlamaRotaryEmbedding and LlamaRMSNorm compute in float32 (module docstring)
+@pytest.mark.parametrize("factory, cls, atol", [(_gpt2, GPT, ATOL_FLOAT64), (_llama, Llama, ATOL)], ids=["gpt2", "llama"])
+def test_decoder_only_parity_and_round_trip(factory, cls, atol, ids, tmp_path):
     theirs = _seed_and_build(factory)
     theirs.save_pretrained(tmp_path / "hf")
     ours = from_pretrained(tmp_path / "hf")
@@ -67,7 +78,7 @@ def test_decoder_only_parity_and_round_trip(factory, cls, ids, tmp_path):
     theirs, ours = theirs.double(), ours.double()
     with torch.no_grad():
         ref = theirs(ids).logits
-        torch.testing.assert_close(ours(ids), ref, atol=ATOL, rtol=0)
+        torch.testing.assert_close(ours(ids), ref, atol=atol, rtol=0)
         # greedy continuation: HF without cache (full recompute) vs ours with a KV cache
         seq = ids
         for _ in range(8):
@@ -75,8 +86,8 @@ def test_decoder_only_parity_and_round_trip(factory, cls, ids, tmp_path):
     assert torch.equal(greedy_generate(ours, ids, 8), seq)
     save_pretrained(ours, tmp_path / "ours")
     back = type(theirs).from_pretrained(tmp_path / "ours").eval().double()
-    with torch.no_grad():
-        torch.testing.assert_close(back(ids).logits, ref, atol=ATOL, rtol=0)
+    with torch.no_grad():  # transformers against itself, on our saved weights
+        torch.testing.assert_close(back(ids).logits, ref, atol=ATOL_FLOAT64, rtol=0)
 
 
 def test_bert_parity_and_round_trip(ids, tmp_path):
@@ -92,26 +103,26 @@ def test_bert_parity_and_round_trip(ids, tmp_path):
     with torch.no_grad():
         ref = theirs(ids, attention_mask=mask, token_type_ids=types)
         mlm, nsp = ours(ids, types, mask)
-        torch.testing.assert_close(mlm[mask.bool()], ref.prediction_logits[mask.bool()], atol=ATOL, rtol=0)
-        torch.testing.assert_close(nsp, ref.seq_relationship_logits, atol=ATOL, rtol=0)
+        torch.testing.assert_close(mlm[mask.bool()], ref.prediction_logits[mask.bool()], atol=ATOL_FLOAT64, rtol=0)
+        torch.testing.assert_close(nsp, ref.seq_relationship_logits, atol=ATOL_FLOAT64, rtol=0)
         hidden, pooled = ours.bert(ids, types, mask)
         hf_out = theirs.bert(ids, attention_mask=mask, token_type_ids=types)
         real = mask.bool()  # padded positions' outputs are unused; compare real tokens
-        torch.testing.assert_close(hidden[real], hf_out.last_hidden_state[real], atol=ATOL, rtol=0)
-        torch.testing.assert_close(pooled, hf_out.pooler_output, atol=ATOL, rtol=0)
+        torch.testing.assert_close(hidden[real], hf_out.last_hidden_state[real], atol=ATOL_FLOAT64, rtol=0)
+        torch.testing.assert_close(pooled, hf_out.pooler_output, atol=ATOL_FLOAT64, rtol=0)
     assert torch.equal(mlm.argmax(-1), ref.prediction_logits.argmax(-1))  # the MLM's greedy fill-in of every slot
     save_pretrained(ours, tmp_path / "ours")
     back = tr.BertForPreTraining.from_pretrained(tmp_path / "ours").eval().double()
     with torch.no_grad():
         torch.testing.assert_close(back(ids, attention_mask=mask, token_type_ids=types).prediction_logits,
-                                   ref.prediction_logits, atol=ATOL, rtol=0)
+                                   ref.prediction_logits, atol=ATOL_FLOAT64, rtol=0)
     # an encoder-only checkpoint (no cls.* heads) becomes our Bert
     save_pretrained(ours.bert, tmp_path / "encoder")
     enc = from_pretrained(tmp_path / "encoder")
     assert isinstance(enc, Bert)
     enc = enc.double()
     with torch.no_grad():
-        torch.testing.assert_close(enc(ids, types, mask)[0][real], hf_out.last_hidden_state[real], atol=ATOL, rtol=0)
+        torch.testing.assert_close(enc(ids, types, mask)[0][real], hf_out.last_hidden_state[real], atol=ATOL_FLOAT64, rtol=0)
 
 
 def test_t5_parity_and_round_trip(ids, tmp_path):
@@ -125,6 +136,7 @@ def test_t5_parity_and_round_trip(ids, tmp_path):
     dec = torch.randint(1, V, (2, 6), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         ref = theirs(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
+        # ATOL, not ATOL_FLOAT64: T5LayerNorm takes the variance in float32 (see the module docstring)
         torch.testing.assert_close(ours(ids, dec, mask), ref, atol=ATOL, rtol=0)
         seq = torch.zeros(2, 1, dtype=torch.long)  # decoder_start_token_id = pad = 0
         for _ in range(7):
@@ -133,9 +145,122 @@ def test_t5_parity_and_round_trip(ids, tmp_path):
     assert torch.equal(ours.generate_greedy(ids, 7, mask), seq)
     save_pretrained(ours, tmp_path / "ours")
     back = tr.T5ForConditionalGeneration.from_pretrained(tmp_path / "ours").eval().double()
-    with torch.no_grad():
+    with torch.no_grad():  # transformers against itself, on our saved weights
         torch.testing.assert_close(back(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits, ref,
-                                   atol=ATOL, rtol=0)
+                                   atol=ATOL_FLOAT64, rtol=0)
+
+
+def test_float64_parity_catches_a_wrong_layer_norm_epsilon(ids, tmp_path):
+    # GPT-2's eps is 1e-5; 1e-6 moves the logits by far less than the float32 tolerance 1e-5, but far more than 1e-12.
+    theirs = _seed_and_build(_gpt2)
+    theirs.save_pretrained(tmp_path)
+    right = from_pretrained(tmp_path)
+    assert right.config.norm_eps == theirs.config.layer_norm_epsilon == 1e-5
+    wrong = load_hf_state_dict(GPT(replace(right.config, norm_eps=1e-6)), theirs.state_dict()).eval()
+    with torch.no_grad():
+        ref = theirs.double()(ids).logits
+        right_diff = (right.double()(ids) - ref).abs().max().item()
+        wrong_diff = (wrong.double()(ids) - ref).abs().max().item()
+    assert right_diff <= ATOL_FLOAT64 < wrong_diff, (right_diff, wrong_diff)
+
+
+# ----------------------------------------------------------------------------------------- Llama RoPE scaling
+# head_dim 16, theta 1e4: wavelengths 2*pi*10^(i/2) = 6.3, 20, 63, ... positions. With original length 32, "llama3"
+# keeps the first frequency (< 32/4), interpolates the second and divides the rest by 8, and a 64-token sequence runs
+# past the original length.
+ROPE_FIELDS = {"linear": {"factor": 2.0},
+               "llama3": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 32}}
+SCALED = {"linear": RopeScaling.linear(2.0), "llama3": RopeScaling.llama3(8.0, 1.0, 4.0, 32)}
+
+
+def _llama_scaled(rope_type: str):
+    return tr.LlamaForCausalLM(tr.LlamaConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
+                                              num_key_value_heads=2, intermediate_size=80, vocab_size=V,
+                                              max_position_embeddings=64, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+                                              rope_parameters={"rope_type": rope_type, "rope_theta": 10000.0,
+                                                               **ROPE_FIELDS[rope_type]}))
+
+
+def _scaled_config(rope_type: str):
+    return config_from_hf(_llama_scaled(rope_type).config.to_dict())
+
+
+def _to_transformers_4(path, rope_type: str) -> None:
+    """Rewrite config.json as transformers 4.x wrote it: top-level rope_theta, rope_scaling (linear: the pre-4.42 "type")."""
+    cfg = json.loads((path / "config.json").read_text())
+    cfg.pop("rope_parameters")
+    cfg["rope_theta"] = 10000.0
+    cfg["rope_scaling"] = {("type" if rope_type == "linear" else "rope_type"): rope_type, **ROPE_FIELDS[rope_type]}
+    (path / "config.json").write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize("rope_type", ["linear", "llama3"])
+@pytest.mark.parametrize("writer", ["transformers5", "transformers4"])
+def test_llama_rope_scaling_parity(rope_type, writer, tmp_path):
+    theirs = _seed_and_build(lambda: _llama_scaled(rope_type))
+    theirs.save_pretrained(tmp_path)
+    if writer == "transformers4":
+        _to_transformers_4(tmp_path, rope_type)
+    ours = from_pretrained(tmp_path)
+    assert ours.config.rope_scaling == SCALED[rope_type] and ours.config.rope_base == 10000.0
+    plain = load_hf_state_dict(Llama(replace(ours.config, rope_scaling=None)), theirs.state_dict()).eval()
+    ids = torch.randint(1, V, (2, 64), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        for dtype in (torch.float32, torch.float64):  # ATOL in both: transformers' RoPE is float32 (module docstring)
+            ref = theirs.to(dtype)(ids).logits
+            torch.testing.assert_close(ours.to(dtype)(ids), ref, atol=ATOL, rtol=0)
+        assert (plain.double()(ids) - ref).abs().max() > 1e3 * ATOL  # plain RoPE would fail this test by far
+        seq = ids[:, :9]
+        for _ in range(8):
+            seq = torch.cat([seq, theirs(seq).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(greedy_generate(ours, ids[:, :9], 8), seq)  # KV cache positions with scaled RoPE
+
+
+@pytest.mark.parametrize("rope_type", ["linear", "llama3"])
+def test_llama_rope_scaling_round_trips_through_transformers(rope_type, tmp_path):
+    torch.manual_seed(0)
+    ours = Llama(replace(_scaled_config(rope_type), rope_base=5000.0)).eval()
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.copy_(torch.randn_like(p) * 0.25)  # as _seed_and_build: big enough activations for RoPE to matter
+    save_pretrained(ours, tmp_path)
+    back = tr.LlamaForCausalLM.from_pretrained(tmp_path).eval()
+    expected = {"rope_type": rope_type, "rope_theta": 5000.0, **ROPE_FIELDS[rope_type]}
+    assert {k: back.config.rope_parameters[k] for k in expected} == expected
+    ids = torch.randint(1, V, (2, 64), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, ours(ids), atol=ATOL, rtol=0)
+    assert from_pretrained(tmp_path).config == ours.config
+
+
+def test_saved_llama_config_has_rope_theta_for_older_transformers(tmp_path):
+    ours = Llama(config_from_hf(_llama().config.to_dict()))
+    save_pretrained(ours, tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["rope_theta"] == 500.0 and cfg["rope_parameters"]["rope_theta"] == 500.0  # 4.x and 5.x read these
+    cfg.pop("rope_parameters")  # what a transformers 4.x reader sees of it
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert tr.LlamaConfig.from_pretrained(tmp_path).rope_parameters["rope_theta"] == 500.0
+    assert config_from_hf(cfg).rope_base == 500.0
+
+
+@pytest.mark.parametrize("rope_type", ["yarn", "dynamic", "longrope", "proportional"])
+@pytest.mark.parametrize("key", ["rope_parameters", "rope_scaling"])
+def test_unsupported_rope_types_are_refused(rope_type, key):
+    hf = config_to_hf(Llama(config_from_hf(_llama().config.to_dict())))
+    hf.pop("rope_parameters"), hf.pop("rope_scaling")
+    hf[key] = {"rope_type": rope_type, "factor": 4.0, "rope_theta": 500.0}
+    with pytest.raises(ValueError, match=f"rope_type='{rope_type}' \\(supported: 'default', 'linear', 'llama3'\\)"):
+        config_from_hf(hf)
+
+
+def test_llama_config_rejects_a_rope_scaling_that_is_not_one():
+    with pytest.raises(ValueError, match="rope_scaling must be a RopeScaling or None, got"):
+        replace(config_from_hf(_llama().config.to_dict()), rope_scaling={"rope_type": "llama3", "factor": 8.0})
+    hf = config_to_hf(Llama(_scaled_config("llama3")))
+    del hf["rope_scaling"]["low_freq_factor"]
+    with pytest.raises(ValueError, match="lacks 'low_freq_factor'"):
+        config_from_hf(hf)
 
 
 # ----------------------------------------------------------------------------------------- bad checkpoints

@@ -8,10 +8,12 @@ import torch
 from companion.nn.attention import scaled_dot_product_attention
 from companion.nn.positional import (
     LearnedPositionalEmbedding,
+    RopeScaling,
     RotaryEmbedding,
     SinusoidalPositionalEncoding,
     alibi_bias,
     alibi_slopes,
+    rope_frequencies,
     sinusoidal_positions,
 )
 
@@ -54,6 +56,81 @@ def test_rope_matches_transformers_llama(base):
     rope = RotaryEmbedding(16, base=base)
     torch.testing.assert_close(rope(q, position_ids), ref_q, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(rope(k, position_ids), ref_k, rtol=1e-5, atol=1e-5)
+
+
+def _llama3_frequency(theta: float, factor: float, low: float, high: float, original: int) -> float:
+    """Llama 3.1's rule for one frequency, as in Meta's reference ``apply_scaling``, in Python floats (float64)."""
+    wavelen = 2 * math.pi / theta
+    if wavelen < original / high:
+        return theta
+    if wavelen > original / low:
+        return theta / factor
+    smooth = (original / wavelen - low) / (high - low)
+    return (1 - smooth) * theta / factor + smooth * theta
+
+
+def _rope_by_formula(x: torch.Tensor, positions: list[int], thetas: list[float]) -> torch.Tensor:
+    """Rotate pairs (i, i + D/2) of x (..., T, D) by positions[t] * thetas[i], angles from Python's math (float64)."""
+    half = x.shape[-1] // 2
+    out = torch.empty_like(x)
+    for t, p in enumerate(positions):
+        for i, theta in enumerate(thetas):
+            c, s = math.cos(p * theta), math.sin(p * theta)
+            a, b = x[..., t, i], x[..., t, i + half]
+            out[..., t, i], out[..., t, i + half] = a * c - b * s, b * c + a * s
+    return out
+
+
+SCALINGS = {"none": None, "linear": RopeScaling.linear(2.0), "llama3": RopeScaling.llama3(8.0, 1.0, 4.0, 32)}
+
+
+@pytest.mark.parametrize("name", SCALINGS)
+def test_rope_float64_matches_the_formula(name):
+    # float64 input -> float64 angles: within 1e-12 of the formula (float32 angles are off by ~1e-7 * position).
+    scaling, d, base = SCALINGS[name], 16, 10000.0
+    thetas = [base ** (-2 * i / d) for i in range(d // 2)]
+    if name == "linear":
+        thetas = [t / 2.0 for t in thetas]
+    elif name == "llama3":
+        thetas = [_llama3_frequency(t, 8.0, 1.0, 4.0, 32) for t in thetas]
+        regimes = {2 * math.pi / t < 32 / 4 for t in thetas}, {2 * math.pi / t > 32 / 1 for t in thetas}
+        assert regimes == ({True, False}, {True, False})  # kept, interpolated and divided frequencies all occur
+    torch.testing.assert_close(rope_frequencies(d, base, scaling, torch.float64),
+                               torch.tensor(thetas, dtype=torch.float64), rtol=1e-15, atol=0)
+    x = torch.randn(2, 3, 5, d, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    positions = [0, 1, 63, 500, 4097]
+    ours = RotaryEmbedding(d, base=base, scaling=scaling).double()(x, torch.tensor(positions))
+    assert ours.dtype == torch.float64
+    torch.testing.assert_close(ours, _rope_by_formula(x, positions, thetas), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["linear", "llama3"])
+def test_rope_scaling_frequencies_match_transformers(name):
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    scaling = SCALINGS[name]
+    fields = {"factor": 2.0} if name == "linear" else {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                       "original_max_position_embeddings": 32}
+    config = LlamaConfig(hidden_size=64, num_attention_heads=4, num_hidden_layers=1, vocab_size=16,
+                         max_position_embeddings=64, rope_parameters={"rope_type": name, "rope_theta": 10000.0, **fields})
+    theirs, attention_factor = ROPE_INIT_FUNCTIONS[name](config, "cpu")
+    assert attention_factor == 1.0  # neither scheme rescales cos/sin
+    assert torch.equal(rope_frequencies(16, 10000.0, scaling), theirs)  # float32, same operations: bit for bit
+    assert not torch.allclose(rope_frequencies(16, 10000.0), theirs)  # and the scaling does change them
+
+
+def test_rope_scaling_validation_names_values():
+    with pytest.raises(ValueError, match="got 'yarn'"):
+        RopeScaling("yarn", 4.0)
+    with pytest.raises(ValueError, match="factor must be >= 1, got 0.5"):
+        RopeScaling.linear(0.5)
+    with pytest.raises(ValueError, match="low_freq_factor=4.0 and high_freq_factor=1.0"):
+        RopeScaling.llama3(8.0, 4.0, 1.0)
+    with pytest.raises(ValueError, match="original_max_position_embeddings must be positive, got 0"):
+        RopeScaling.llama3(original_max_position_embeddings=0)
+    with pytest.raises(ValueError, match="scaling must be a RopeScaling"):
+        RotaryEmbedding(16, scaling={"rope_type": "linear", "factor": 2.0})
 
 
 def test_rope_scores_depend_only_on_relative_position():
