@@ -4,7 +4,11 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: book test unit nbval html system-deps venv lock clean
+.PHONY: book test unit nbval nbval-foreign colab html system-deps venv lock clean
+
+# A CPU unlike this one: PyTorch's portable kernels, MKL and oneDNN held to SSE4. Notebooks must reproduce
+# under it too (another laptop, CI, Colab); conftest.py refuses to run if torch did not take it.
+FOREIGN_CPU := ATEN_CPU_CAPABILITY=default MKL_ENABLE_INSTRUCTIONS=SSE4_2 ONEDNN_MAX_CPU_ISA=SSE41
 
 venv: $(STAMP)
 
@@ -26,16 +30,28 @@ book: venv
 html: venv
 	$(BIN)/jupyter-book build -W -n --keep-going .
 
-# Every check: the book builds with warnings as errors, then unit tests, nbval on every notebook and the
-# render check of the built book in headless Chromium. pytest runs last so its summary closes the log.
+# Every check: the book builds with warnings as errors; unit tests, nbval on every notebook and the render
+# check of the built book in headless Chromium; nbval again on a simulated foreign CPU; every notebook once
+# more installed as the Colab setup cell installs it (tools/colab_like.py). Each pass ends with its summary.
 test: venv system-deps html
 	COMPANION_REQUIRE_RENDER=1 $(BIN)/python -m pytest --nbval --durations=0 -q
+	$(MAKE) --no-print-directory nbval-foreign
+	$(MAKE) --no-print-directory colab
 
 unit: venv
 	$(BIN)/python -m pytest tests -q
 
 nbval: venv
 	$(BIN)/python -m pytest --nbval book -q --durations=0
+
+nbval-foreign: venv
+	@echo "== nbval on a simulated foreign CPU: $(FOREIGN_CPU) =="
+	@$(FOREIGN_CPU) $(BIN)/python -c "import torch; print('torch CPU capability:', torch.backends.cpu.get_cpu_capability())"
+	$(FOREIGN_CPU) $(BIN)/python -m pytest --nbval book -q --durations=5
+
+colab: venv
+	@echo "== Colab-like run: the setup cell's install in a clean venv, notebooks outside the checkout =="
+	$(BIN)/python tools/colab_like.py
 
 lock:
 	$(BIN)/python -m pip install -q -r requirements.in && $(BIN)/python tools/lock.py

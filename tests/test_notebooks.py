@@ -2,7 +2,9 @@
 and a notebook executed from its own folder and from another folder gives the committed outputs."""
 
 import copy
+import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -202,3 +204,26 @@ def test_notebooks_call_no_private_names():
                 if private:
                     offenders.append(f"{path.relative_to(ROOT)}: {ast.unparse(node)[:80]}")
     assert not offenders, "\n".join(offenders)
+
+
+def _foreign_cpu_env():
+    line = next(l for l in (ROOT / "Makefile").read_text().splitlines() if l.startswith("FOREIGN_CPU :="))
+    return dict(item.split("=", 1) for item in line.split(":=", 1)[1].split())
+
+
+def test_foreign_cpu_settings_are_taken_by_torch():
+    """The second nbval pass really runs on PyTorch's portable kernels (not silently on the native ones)."""
+    env = {**os.environ, **_foreign_cpu_env()}
+    assert env["ATEN_CPU_CAPABILITY"] == "default"
+    out = subprocess.run([sys.executable, "-c", "import torch; print(torch.backends.cpu.get_cpu_capability())"],
+                         env=env, capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "DEFAULT"
+
+
+def test_conftest_refuses_a_capability_torch_did_not_take(tmp_path):
+    (tmp_path / "test_x.py").write_text("def test_x():\n    pass\n")
+    shutil.copy(ROOT / "conftest.py", tmp_path / "conftest.py")
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "bogus"}  # torch ignores an unknown value and keeps its native kernels
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "torch reports" in result.stdout + result.stderr, result.stdout[-1000:]

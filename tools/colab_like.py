@@ -86,6 +86,7 @@ def main(argv: list[str]) -> int:
           f"wheel here is for this Python only, PyPI's 3.12 torch is the multi-GB CUDA build)", flush=True)
     venv.create(env_dir, with_pip=True)
     python = str(env_dir / "bin" / "python")
+    run([python, "-m", "pip", "install", "-q", "--upgrade", "pip"])  # ensurepip's pip rejects git+file:// URLs
     pip = [python, "-m", "pip", "install", "-q", "--disable-pip-version-check", "-c", str(ROOT / "requirements.lock")]
     run([*pip, *RUNTIME])
     requirement = setup_requirement()
