@@ -18,6 +18,8 @@ from companion.runtime import (
     Precision,
     choose_device,
     choose_precision,
+    cpu_has_native_bf16,
+    cuda_has_native_bf16,
     environment_report,
     seed_everything,
     set_deterministic,
@@ -39,7 +41,7 @@ _LAZY = {
     # attention and Transformer blocks
     **dict.fromkeys(["MultiHeadAttention", "AttentionConfig", "TransformerBlock", "BlockConfig",
                      "scaled_dot_product_attention", "KVCache", "LayerNorm", "RMSNorm", "FeedForward",
-                     "RotaryEmbedding", "causal_mask", "padding_mask"], "companion.nn"),
+                     "RotaryEmbedding", "RopeScaling", "causal_mask", "padding_mask"], "companion.nn"),
     # model families, counting, Hugging Face interop
     **dict.fromkeys(["GPT", "GPTConfig", "Llama", "LlamaConfig", "Bert", "BertConfig", "BertForPreTraining", "T5",
                      "T5Config", "count_parameters", "flops_per_token", "greedy_generate",
@@ -72,6 +74,8 @@ __all__ = [
     "Precision",
     "choose_device",
     "choose_precision",
+    "cpu_has_native_bf16",
+    "cuda_has_native_bf16",
     "environment_report",
     "seed_everything",
     "set_deterministic",

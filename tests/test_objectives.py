@@ -45,12 +45,37 @@ def test_causal_lm_loss_matches_transformers_gpt2():
     torch.testing.assert_close(causal_lm_loss(out.logits, labels), out.loss, rtol=1e-6, atol=1e-6)
 
 
+def _loss_cases(dtype: torch.dtype):
+    """(name, our loss, the same loss written with F.cross_entropy on the logits as they are) for each objective.
+
+    Logits of scale 30 over 50 classes: a loss computed in float32 is off by ~1e-6 from the float64 one."""
+    g = torch.Generator().manual_seed(0)
+    logits = (30 * torch.randn(3, 6, 50, generator=g, dtype=torch.float64)).to(dtype)  # (B, T, V)
+    labels = torch.randint(50, (3, 6), generator=g)
+    labels[0, :2] = IGNORE_INDEX
+    nsp_logits = (30 * torch.randn(3, 2, generator=g, dtype=torch.float64)).to(dtype)  # (B, 2)
+    nsp_labels = torch.tensor([IS_NEXT, NOT_NEXT, IS_NEXT])
+    up = torch.promote_types(dtype, torch.float32)
+    flat = lambda x: x.reshape(-1, x.shape[-1]).to(up)  # noqa: E731
+    return [
+        ("causal", causal_lm_loss(logits, labels), F.cross_entropy(flat(logits[:, :-1]), labels[:, 1:].reshape(-1))),
+        ("masked", masked_lm_loss(logits, labels), F.cross_entropy(flat(logits), labels.reshape(-1))),
+        ("bert", bert_pretraining_loss(logits, labels, nsp_logits, nsp_labels),
+         F.cross_entropy(flat(logits), labels.reshape(-1)) + F.cross_entropy(nsp_logits.to(up), nsp_labels)),
+    ]
+
+
+def test_float64_logits_give_a_float64_loss():
+    # 6008bf5: the losses upcast with promote_types(dtype, float32); the former .float() rounded float64 to float32
+    for name, ours, reference in _loss_cases(torch.float64):
+        assert ours.dtype == reference.dtype == torch.float64, name
+        torch.testing.assert_close(ours, reference, rtol=0, atol=1e-15, msg=name)
+
+
 def test_bf16_logits_are_scored_in_float32():
-    logits = torch.randn(2, 4, 11)
-    labels = torch.randint(11, (2, 4))
-    low = causal_lm_loss(logits.bfloat16(), labels)
-    assert low.dtype == torch.float32
-    torch.testing.assert_close(low, causal_lm_loss(logits.bfloat16().float(), labels))
+    for name, ours, reference in _loss_cases(torch.bfloat16):  # reference: F.cross_entropy on the logits as float32
+        assert ours.dtype == reference.dtype == torch.float32, name
+        torch.testing.assert_close(ours, reference, rtol=0, atol=1e-6, msg=name)
 
 
 def test_loss_errors():

@@ -9,7 +9,14 @@ from companion.models.base import check_length, greedy_generate
 from companion.models.bert import Bert, BertConfig, BertForPreTraining, mean_pool
 from companion.models.counting import count_parameters, flops_per_token, parameter_breakdown
 from companion.models.gpt import GPT, GPTConfig
-from companion.models.hf import CheckpointError, from_pretrained, load_hf_state_dict, save_pretrained, to_hf_state_dict
+from companion.models.hf import (
+    CheckpointError,
+    from_pretrained,
+    load_hf_state_dict,
+    save_pretrained,
+    to_hf_state_dict,
+    weight_mapping_rules,
+)
 from companion.models.llama import Llama, LlamaConfig
 from companion.models.t5 import T5, RelativePositionBias, T5Config, relative_position_bucket
 
@@ -36,4 +43,5 @@ __all__ = [
     "relative_position_bucket",
     "save_pretrained",
     "to_hf_state_dict",
+    "weight_mapping_rules",
 ]

@@ -33,6 +33,8 @@ Tensors = list[torch.Tensor]
 
 @dataclass(frozen=True)
 class Rule:
+    """Our parameters ``ours`` hold the checkpoint tensors ``theirs``, converted by ``load`` and back by ``save``."""
+
     ours: tuple[str, ...]  # our parameter names
     theirs: tuple[str, ...]  # the checkpoint's tensor names
     load: Callable[[Tensors], Tensors] = lambda ts: ts  # theirs -> ours
@@ -139,8 +141,18 @@ def _t5_rules(cfg: T5Config) -> list[Rule]:
     return rules
 
 
-def _rules(model: nn.Module) -> tuple[list[Rule], dict[str, str], list[str]]:
-    """(rules, tied aliases {their key: our key}, regexes of checkpoint keys to ignore) for ``model``."""
+def weight_mapping_rules(model: nn.Module) -> tuple[list[Rule], dict[str, str], list[str]]:
+    """How ``model``'s parameters correspond to the tensors of a transformers checkpoint; returns three values:
+
+    - ``rules``: one `Rule` per group of tensors: our parameter names (``rule.ours``), the checkpoint's names
+      (``rule.theirs``) and the transforms between them (``rule.load``, ``rule.save``; e.g. GPT-2's transposes);
+    - ``tied``: {checkpoint key: our parameter name} for tied copies (``lm_head.weight`` -> ``tok_emb.weight``):
+      `save_pretrained` does not write them; when a checkpoint holds one it must equal the tensor it is tied to;
+    - ``ignored``: regular expressions (``re.fullmatch``) for checkpoint keys that are buffers, not weights (GPT-2's
+      ``attn.bias``, Llama's ``rotary_emb.inv_freq``, BERT's ``position_ids``), skipped when loading.
+
+    Raises ``TypeError`` for a model with no Hugging Face mapping.
+    """
     cfg = model.config
     if isinstance(model, GPT):
         tied = {"lm_head.weight": "tok_emb.weight"} if cfg.tie_embeddings else {}
@@ -161,7 +173,7 @@ def _rules(model: nn.Module) -> tuple[list[Rule], dict[str, str], list[str]]:
 # --------------------------------------------------------------------------------------------- state dicts
 def load_hf_state_dict(model: nn.Module, theirs: dict[str, torch.Tensor]) -> nn.Module:
     """Copy a transformers state dict into ``model`` (in place); raise `CheckpointError` if the keys do not fit."""
-    rules, tied, ignore = _rules(model)
+    rules, tied, ignore = weight_mapping_rules(model)
     params = dict(model.named_parameters())  # tied parameters appear once, under their first name
     converted: dict[str, torch.Tensor] = {}
     missing, shapes, used = [], [], set()
@@ -191,7 +203,7 @@ def load_hf_state_dict(model: nn.Module, theirs: dict[str, torch.Tensor]) -> nn.
 
 def to_hf_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Our parameters under transformers' names (tied copies left out, as `save_pretrained` does)."""
-    rules, _, _ = _rules(model)
+    rules, _, _ = weight_mapping_rules(model)
     ours = dict(model.named_parameters())
     out: dict[str, torch.Tensor] = {}
     for rule in rules:

@@ -18,7 +18,7 @@ from companion.models.base import init_weights, start_position
 from companion.nn.attention import Backend, KVCacheLike
 from companion.nn.block import BlockConfig, TransformerBlock
 from companion.nn.layers import RMSNorm
-from companion.nn.positional import RopeScaling, RotaryEmbedding
+from companion.nn.positional import RopeScaling
 
 
 @dataclass(frozen=True)
@@ -43,13 +43,12 @@ class LlamaConfig:
         for name in ("vocab_size", "n_ctx", "n_layers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
-        if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
-            raise ValueError(f"rope_scaling must be a RopeScaling or None, got {self.rope_scaling!r}")
-        self.block()  # validates widths, heads, RoPE head dim
+        self.block()  # validates widths, heads, RoPE head dim and scaling
 
     def block(self) -> BlockConfig:
         return BlockConfig.llama(self.d_model, self.n_heads, self.n_kv_heads, d_ff=self.d_ff, norm_eps=self.norm_eps,
-                                 rope_base=self.rope_base, dropout=self.dropout, backend=self.backend)
+                                 rope_base=self.rope_base, rope_scaling=self.rope_scaling, dropout=self.dropout,
+                                 backend=self.backend)
 
     @property
     def head_dim(self) -> int:
@@ -83,9 +82,6 @@ class Llama(nn.Module):
         self.config = config
         self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
         self.blocks = nn.ModuleList(TransformerBlock(config.block()) for _ in range(config.n_layers))
-        if config.rope_scaling is not None:  # the block config knows only plain RoPE: swap in the scaled one
-            for block in self.blocks:
-                block.self_attn.rope = RotaryEmbedding(config.head_dim, config.rope_base, config.rope_scaling)
         self.norm = RMSNorm(config.d_model, eps=config.norm_eps)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.apply(init_weights)

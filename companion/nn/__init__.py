@@ -19,6 +19,7 @@ from companion.nn.block import BlockConfig, TransformerBlock
 from companion.nn.layers import FeedForward, LayerNorm, RMSNorm, make_norm, swiglu_hidden
 from companion.nn.positional import (
     LearnedPositionalEmbedding,
+    RopeScaling,
     RotaryEmbedding,
     SinusoidalPositionalEncoding,
     alibi_bias,
@@ -37,6 +38,7 @@ __all__ = [
     "LearnedPositionalEmbedding",
     "MultiHeadAttention",
     "RMSNorm",
+    "RopeScaling",
     "RotaryEmbedding",
     "SinusoidalPositionalEncoding",
     "TransformerBlock",

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import nn
 
-from companion.nn.positional import RotaryEmbedding, alibi_bias
+from companion.nn.positional import RopeScaling, RotaryEmbedding, alibi_bias
 
 Backend = Literal["math", "torch"]
 
@@ -185,6 +185,7 @@ class AttentionConfig:
     dropout: float = 0.0  # dropout on the attention weights (training only)
     positional: Literal["none", "rope", "alibi"] = "none"  # position information applied inside attention
     rope_base: float = 10000.0  # RoPE frequency base theta
+    rope_scaling: RopeScaling | None = None  # RoPE frequency rescaling for long contexts (None: plain RoPE)
     backend: Backend = "torch"  # "torch": F.scaled_dot_product_attention; "math": the formula
     scale: float | None = None  # multiplies Q K^T (None: 1/sqrt(D); T5 uses 1.0, its init absorbs the factor)
 
@@ -206,6 +207,10 @@ class AttentionConfig:
             raise ValueError(f"positional must be 'none', 'rope' or 'alibi', got {self.positional!r}")
         if self.positional == "rope" and self.head_dim % 2:
             raise ValueError(f"RoPE needs an even head dim, got {self.head_dim}")
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
+            raise ValueError(f"rope_scaling must be a RopeScaling or None, got {self.rope_scaling!r}")
+        if self.rope_scaling is not None and self.positional != "rope":
+            raise ValueError(f"rope_scaling needs positional='rope', got positional={self.positional!r}")
         if self.backend not in ("math", "torch"):
             raise ValueError(f"backend must be 'math' or 'torch', got {self.backend!r}")
         if self.scale is not None and not self.scale > 0:
@@ -237,7 +242,8 @@ class MultiHeadAttention(nn.Module):
         self.k_proj = nn.Linear(kv_dim, g * d, bias=config.bias)
         self.v_proj = nn.Linear(kv_dim, g * d, bias=config.bias)
         self.out_proj = nn.Linear(h * d, c, bias=config.bias)
-        self.rope = RotaryEmbedding(d, base=config.rope_base) if config.positional == "rope" else None
+        rope = config.positional == "rope"
+        self.rope = RotaryEmbedding(d, config.rope_base, scaling=config.rope_scaling) if rope else None
 
     def forward(
         self,

@@ -15,6 +15,7 @@ from torch import nn
 
 from companion.nn.attention import AttentionConfig, Backend, KVCacheLike, MultiHeadAttention
 from companion.nn.layers import FeedForward, FFNKind, NormKind, make_norm, swiglu_hidden
+from companion.nn.positional import RopeScaling
 
 
 @dataclass(frozen=True)
@@ -34,13 +35,14 @@ class BlockConfig:
     kv_dim: int | None = None  # width of the cross-attention context (None = d_model)
     positional: Literal["none", "rope", "alibi"] = "none"  # position info applied inside self-attention
     rope_base: float = 10000.0  # RoPE theta
+    rope_scaling: RopeScaling | None = None  # RoPE frequency rescaling for long contexts (None: plain RoPE)
     dropout: float = 0.0  # dropout on attention weights and on each branch output (training only)
     bias: bool = True  # biases in linear layers and LayerNorm
     backend: Backend = "torch"  # attention kernel: "torch" (SDPA) or "math" (the formula)
     attn_scale: float | None = None  # score scale (None: 1/sqrt(D); T5 uses 1.0)
 
     def __post_init__(self) -> None:
-        self.attention()  # validates widths, heads, positional, dropout
+        self.attention()  # validates widths, heads, positional, RoPE scaling, dropout
         if self.norm not in ("layer", "rms"):
             raise ValueError(f"norm must be 'layer' or 'rms', got {self.norm!r}")
         if self.ffn not in ("gelu", "gelu_tanh", "relu", "swiglu"):
@@ -66,6 +68,7 @@ class BlockConfig:
             dropout=self.dropout,
             positional="none" if cross else self.positional,
             rope_base=self.rope_base,
+            rope_scaling=None if cross else self.rope_scaling,
             backend=self.backend,
             scale=self.attn_scale,
         )

@@ -12,7 +12,9 @@ import torch.nn.functional as F
 
 from companion.models import (Bert, BertConfig, GPT, GPTConfig, Llama, LlamaConfig, T5, T5Config, greedy_generate,
                               relative_position_bucket)
-from companion.nn import AttentionConfig, FeedForward, MultiHeadAttention
+from companion.nn import AttentionConfig, FeedForward, MultiHeadAttention, RopeScaling
+
+SCALED_LLAMA = replace(LlamaConfig.tiny(), rope_scaling=RopeScaling.llama3(8.0, 1.0, 4.0, 4))  # 16 tokens > 4
 
 
 @pytest.fixture()
@@ -20,7 +22,8 @@ def ids() -> torch.Tensor:
     return torch.randint(0, 256, (2, 10), generator=torch.Generator().manual_seed(0))
 
 
-@pytest.mark.parametrize("cls, config", [(GPT, GPTConfig.tiny()), (Llama, LlamaConfig.tiny())], ids=["gpt", "llama"])
+@pytest.mark.parametrize("cls, config", [(GPT, GPTConfig.tiny()), (Llama, LlamaConfig.tiny()), (Llama, SCALED_LLAMA)],
+                         ids=["gpt", "llama", "llama_rope_scaled"])
 def test_kv_cache_gives_the_same_tokens_and_logits(cls, config, ids):
     torch.manual_seed(0)
     model = cls(config).eval()
@@ -81,11 +84,21 @@ def test_too_long_sequences_name_both_lengths(cls, config, n_ctx):
         model(torch.zeros(1, 70, dtype=torch.long))
 
 
+def test_llama_rope_scaling_is_carried_by_the_block_config():
+    model = Llama(SCALED_LLAMA)
+    for block in model.blocks:
+        assert block.config == SCALED_LLAMA.block() and block.self_attn.config.rope_scaling == SCALED_LLAMA.rope_scaling
+        assert block.self_attn.rope.scaling == SCALED_LLAMA.rope_scaling
+    assert Llama(LlamaConfig.tiny()).blocks[0].self_attn.rope.scaling is None
+
+
 def test_config_validation_names_values():
     with pytest.raises(ValueError, match="d_model must be divisible by n_heads, got d_model=64 and n_heads=5"):
         replace(GPTConfig.tiny(), n_heads=5)
     with pytest.raises(ValueError, match="n_kv_heads must divide n_heads, got n_heads=4 and n_kv_heads=3"):
         replace(LlamaConfig.tiny(), n_kv_heads=3)
+    with pytest.raises(ValueError, match="rope_scaling must be a RopeScaling or None, got 'linear'"):
+        replace(LlamaConfig.tiny(), rope_scaling="linear")
     with pytest.raises(ValueError, match="n_layers must be positive, got 0"):
         replace(BertConfig.tiny(), n_layers=0)
     with pytest.raises(ValueError, match="n_decoder_layers must be positive, got 0"):

@@ -1,5 +1,7 @@
 """companion.nn.attention against F.scaled_dot_product_attention, nn.MultiheadAttention and transformers' Llama."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,6 +16,7 @@ from companion.nn.attention import (
     padding_mask,
     scaled_dot_product_attention,
 )
+from companion.nn.positional import RopeScaling
 
 TOL = dict(rtol=1e-5, atol=1e-5)  # float32, a few hundred terms per dot product
 
@@ -176,6 +179,45 @@ def test_gqa_with_rope_matches_transformers_llama_attention():
     out, w = ours(x, need_weights=True)
     torch.testing.assert_close(out, expected, **TOL)
     torch.testing.assert_close(w, ref_w, **TOL)
+
+
+@pytest.mark.parametrize("rope_type", ["linear", "llama3"])
+def test_scaled_rope_attention_matches_transformers_llama_attention(rope_type):
+    # AttentionConfig.rope_scaling reaches the layer's RoPE: scaled cos/sin from transformers, 40 positions, past
+    # the original length 16 of "llama3" (head dim 8, wavelengths 6.3, 63, 628, 6283: the first interpolated, the
+    # rest divided by the factor)
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRotaryEmbedding
+
+    llama3 = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+    fields, scaling = {"linear": ({"factor": 2.0}, RopeScaling.linear(2.0)),
+                       "llama3": (llama3, RopeScaling.llama3(**llama3))}[rope_type]
+    config = LlamaConfig(hidden_size=64, num_attention_heads=8, num_key_value_heads=2, intermediate_size=96,
+                         num_hidden_layers=1, vocab_size=16, max_position_embeddings=64,
+                         rope_parameters={"rope_type": rope_type, "rope_theta": 10000.0, **fields})
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    ref = LlamaAttention(config, layer_idx=0).eval()
+    cfg = AttentionConfig(64, 8, n_kv_heads=2, causal=True, bias=False, positional="rope", rope_scaling=scaling)
+    ours, plain = MultiHeadAttention(cfg).eval(), MultiHeadAttention(replace(cfg, rope_scaling=None)).eval()
+    weights = {"q_proj.weight": ref.q_proj.weight, "k_proj.weight": ref.k_proj.weight,
+               "v_proj.weight": ref.v_proj.weight, "out_proj.weight": ref.o_proj.weight}
+    ours.load_state_dict(weights)
+    plain.load_state_dict(weights)
+    x = torch.randn(2, 40, 64) * 4  # large enough that the rotation angles matter
+    cos_sin = LlamaRotaryEmbedding(config)(x, torch.arange(40)[None].expand(2, 40))
+    additive = torch.zeros(40, 40).masked_fill(~causal_mask(40), float("-inf"))[None, None]
+    expected, _ = ref(x, position_embeddings=cos_sin, attention_mask=additive)
+    torch.testing.assert_close(ours(x)[0], expected, **TOL)
+    assert (plain(x)[0] - expected).abs().max() > 100 * TOL["atol"]  # plain RoPE is far off
+
+
+def test_rope_scaling_config_errors():
+    with pytest.raises(ValueError, match="rope_scaling must be a RopeScaling or None, got {'factor': 2.0}"):
+        AttentionConfig(16, 2, positional="rope", rope_scaling={"factor": 2.0})
+    with pytest.raises(ValueError, match="rope_scaling needs positional='rope', got positional='alibi'"):
+        AttentionConfig(16, 2, positional="alibi", rope_scaling=RopeScaling.linear(2.0))
+    assert MultiHeadAttention(AttentionConfig(16, 2, positional="rope")).rope.scaling is None
 
 
 @pytest.mark.parametrize("positional", ["none", "rope", "alibi"])

@@ -8,6 +8,7 @@ from torch import nn
 
 from companion.nn.attention import KVCache, MultiHeadAttention, causal_mask, padding_mask
 from companion.nn.block import BlockConfig, TransformerBlock
+from companion.nn.positional import RopeScaling, rope_frequencies
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 
@@ -122,6 +123,18 @@ def test_presets_and_config_errors():
         TransformerBlock(cfg)(torch.randn(1, 2, 16), context=torch.randn(1, 3, 16))
     with pytest.raises(ValueError, match="pass the encoder output"):
         TransformerBlock(dataclasses.replace(cfg, cross_attention=True))(torch.randn(1, 2, 16))
+
+
+def test_rope_scaling_reaches_self_attention_only():
+    scaling = RopeScaling.llama3(8.0, 1.0, 4.0, 16)
+    cfg = BlockConfig.llama(32, 4, rope_scaling=scaling, cross_attention=True)
+    assert cfg.attention().rope_scaling == scaling and cfg.attention(cross=True).rope_scaling is None
+    block = TransformerBlock(cfg)
+    assert torch.equal(block.self_attn.rope.inv_freq, rope_frequencies(8, 10000.0, scaling))
+    assert not torch.equal(block.self_attn.rope.inv_freq, rope_frequencies(8, 10000.0))
+    assert block.cross_attn.rope is None
+    with pytest.raises(ValueError, match="rope_scaling needs positional='rope', got positional='none'"):
+        BlockConfig(16, 2, rope_scaling=scaling)
 
 
 def test_dropout_only_in_training():
