@@ -44,11 +44,10 @@ _LAZY = {
                      "RotaryEmbedding", "RopeScaling", "causal_mask", "padding_mask"], "companion.nn"),
     # model families, counting, Hugging Face interop
     **dict.fromkeys(["GPT", "GPTConfig", "Llama", "LlamaConfig", "Bert", "BertConfig", "BertForPreTraining", "T5",
-                     "T5Config", "count_parameters", "flops_per_token", "greedy_generate",
-                     "mean_pool"], "companion.models"),
+                     "T5Config", "count_parameters", "greedy_generate", "mean_pool"], "companion.models"),
     # scaling arithmetic and count-based / neural language-model basics
-    **dict.fromkeys(["training_flops", "chinchilla_optimal", "ChinchillaLaw", "weight_memory_bytes"],
-                    "companion.scaling"),
+    **dict.fromkeys(["flops_per_token", "training_flops", "chinchilla_optimal", "ChinchillaLaw",
+                     "weight_memory_bytes"], "companion.scaling"),
     **dict.fromkeys(["NGramLM", "NGramConfig", "MLPLanguageModel", "MLPLMConfig", "context_windows",
                      "perplexity_from_nll"], "companion.lm_basics"),
     # pretraining objectives and the trainer

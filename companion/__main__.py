@@ -1,7 +1,9 @@
 """``python -m companion <command>``: the book's command line.
 
 Each command lives in its own module exposing ``add_arguments(parser)`` and ``main(args) -> int``; to add
-one (``train``, ``generate``…), append a line to ``COMMANDS``. Modules are imported only when their command runs.
+one (``train``, ``generate``…), append a line to ``COMMANDS``. Bad input ends as argparse ends it: the usage and
+one ``error:`` line, exit status 2. Flags are checked while parsing (``type=``, ``choices=``); what can only be
+checked later (a config file's content) a command raises as :class:`companion.errors.UsageError`.
 """
 
 from __future__ import annotations
@@ -9,6 +11,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+
+from companion.errors import UsageError
 
 # command name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -24,13 +28,16 @@ def build_parser() -> argparse.ArgumentParser:
         command = sub.add_parser(name, help=help_text, description=help_text)
         module = importlib.import_module(module_name)
         module.add_arguments(command)
-        command.set_defaults(_main=module.main)
+        command.set_defaults(_main=module.main, _parser=command)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args._main(args) or 0)
+    try:
+        return int(args._main(args) or 0)
+    except UsageError as e:
+        args._parser.error(str(e))  # prints usage + "error: ..." to stderr, exits with status 2
 
 
 if __name__ == "__main__":

@@ -18,8 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from companion.pipeline import IGNORE_INDEX
-
+IGNORE_INDEX = -100  # label value that torch.nn.functional.cross_entropy ignores (its default ignore_index)
 IS_NEXT, NOT_NEXT = 0, 1  # NSP labels (Hugging Face convention)
 
 

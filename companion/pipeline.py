@@ -17,9 +17,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from companion.tokenization.base import Tokenizer
-
-IGNORE_INDEX = -100  # label value that torch.nn.functional.cross_entropy ignores
+from companion.objectives import IGNORE_INDEX, MaskingConfig, mask_tokens
+from companion.tokenization.base import Tokenizer, pad_rows
 
 
 def _tokenizer_hash(tokenizer: Tokenizer) -> str:
@@ -88,14 +87,6 @@ def tokenize_and_pack(dataset, tokenizer: Tokenizer, config: PackConfig = PackCo
                        desc=None)
 
 
-def _pad(rows: Sequence[Sequence[int]], value: int, width: int | None = None) -> torch.Tensor:
-    width = max(len(r) for r in rows) if width is None else width
-    out = torch.full((len(rows), width), value, dtype=torch.long)  # (B, T)
-    for b, row in enumerate(rows):
-        out[b, : len(row)] = torch.as_tensor(row[:width], dtype=torch.long)
-    return out
-
-
 @dataclass(frozen=True)
 class CausalLMCollator:
     """Rows ``{"input_ids": [...]}`` -> ``input_ids``, ``attention_mask``, ``labels`` (all (B, T)).
@@ -107,9 +98,7 @@ class CausalLMCollator:
     pad_id: int = 0  # id written into padded positions (masked out of attention and loss)
 
     def __call__(self, examples: Sequence[dict]) -> dict[str, torch.Tensor]:
-        rows = [e["input_ids"] for e in examples]
-        input_ids = _pad(rows, self.pad_id)  # (B, T)
-        mask = _pad([[1] * len(r) for r in rows], 0)  # (B, T)
+        input_ids, mask = pad_rows([e["input_ids"] for e in examples], self.pad_id)  # (B, T) each
         labels = input_ids.masked_fill(mask == 0, IGNORE_INDEX)  # (B, T)
         return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
@@ -134,11 +123,7 @@ class MaskedLMCollator:
             raise ValueError(f"mask_id {self.mask_id!r} is outside the vocabulary [0, {self.vocab_size})")
 
     def __call__(self, examples: Sequence[dict]) -> dict[str, torch.Tensor]:
-        from companion.objectives import MaskingConfig, mask_tokens  # objectives imports IGNORE_INDEX from here
-
-        rows = [e["input_ids"] for e in examples]
-        input_ids = _pad(rows, self.pad_id)  # (B, T)
-        mask = _pad([[1] * len(r) for r in rows], 0)  # (B, T)
+        input_ids, mask = pad_rows([e["input_ids"] for e in examples], self.pad_id)  # (B, T) each
         corrupted, labels = mask_tokens(input_ids, self.mask_id, self.vocab_size, self.special_ids, mask,
                                         MaskingConfig(probability=self.probability), self.generator)  # (B, T) each
         return {"input_ids": corrupted, "attention_mask": mask, "labels": labels}
@@ -167,8 +152,8 @@ class PairCollator:
                 (a if len(a) >= len(b) else b).pop()
             ids.append([self.cls_id, *a, self.sep_id, *b, self.sep_id])
             types.append([0] * (len(a) + 2) + [1] * (len(b) + 1))
-        out = {"input_ids": _pad(ids, self.pad_id), "token_type_ids": _pad(types, 0),
-               "attention_mask": _pad([[1] * len(r) for r in ids], 0)}  # each (B, T)
+        input_ids, mask = pad_rows(ids, self.pad_id)  # (B, T) each
+        out = {"input_ids": input_ids, "token_type_ids": pad_rows(types, 0)[0], "attention_mask": mask}
         if all("label" in e for e in examples):
             out["labels"] = torch.tensor([int(e["label"]) for e in examples], dtype=torch.long)  # (B,)
         return out

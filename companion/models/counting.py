@@ -1,11 +1,9 @@
-"""Parameter counts and FLOPs per token of the chapter 5 configs, computed from the config alone.
+"""Parameter counts of the chapter 5 configs, computed from the config alone.
 
-FLOPs follow Kaplan et al. (2020), "Scaling Laws for Neural Language Models", Table 1: a forward pass costs about
-2N + 2 * n_layers * n_ctx * d_attn FLOPs per token, with N the *non-embedding* parameters (every weight is one
-multiply-add) and the second term the attention scores and their weighted sum; training (forward + backward) costs
-three times that, 6N + 6 * n_layers * n_ctx * d_attn. Hoffmann et al. (2022, Chinchilla, Appendix F) count the
-attention term twice as large (QK^T and AV separately) and include the output layer; the difference is small while
-n_ctx << 12 * d_model. The counts are exact and checked against `sum(p.numel())` of the built models.
+The counts are exact and checked against `sum(p.numel())` of the built models. Kaplan et al.'s (2020) N, the
+*non-embedding* parameters (`count_parameters(config, embeddings=False)`), is what
+:func:`companion.scaling.flops_per_token` multiplies into FLOPs per token (re-exported as
+`companion.models.flops_per_token`).
 """
 
 from __future__ import annotations
@@ -15,7 +13,6 @@ from companion.models.gpt import GPTConfig
 from companion.models.llama import LlamaConfig
 from companion.models.t5 import T5Config
 from companion.nn.block import BlockConfig
-from companion.scaling import flops_per_token as dense_flops_per_token
 
 AnyConfig = GPTConfig | LlamaConfig | BertConfig | T5Config
 
@@ -90,20 +87,3 @@ def count_parameters(config: AnyConfig, *, embeddings: bool = True, pretraining_
         return parts["total"]
     untied_head = parts["head"] if isinstance(config, (GPTConfig, LlamaConfig)) else 0
     return parts["total"] - parts["embedding"] - untied_head
-
-
-def flops_per_token(config: AnyConfig, n_ctx: int | None = None, *, training: bool = True) -> float:
-    """Kaplan et al.'s FLOPs per token: 6N + 6 * n_layers * n_ctx * d_attn for training, a third for a forward pass.
-
-    N excludes embeddings (see `count_parameters`); ``n_ctx`` defaults to the config's context length (512 for T5,
-    which has none). For T5 the figure is per target token with a source of the same length: both stacks run once,
-    and the decoder attends over n_ctx keys twice (self and cross).
-    """
-    if n_ctx is None:
-        n_ctx = 512 if isinstance(config, T5Config) else config.n_ctx
-    if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 1:
-        raise ValueError(f"n_ctx must be a positive int, got {n_ctx!r}")
-    n = count_parameters(config, embeddings=False)
-    layers = config.n_layers + 2 * config.decoder_layers if isinstance(config, T5Config) else config.n_layers
-    attention = 2.0 * layers * n_ctx * config.d_model  # forward: scores and weighted sum (d_attn = H * D = C)
-    return dense_flops_per_token(n, training=training) + (3.0 if training else 1.0) * attention

@@ -1,5 +1,10 @@
 """What every tokenizer here shares: input checks, batch encoding with padding/truncation and attention
-masks (the Hugging Face ``tokenizer(texts, padding=..., truncation=...)`` contract), and JSON save/load."""
+masks (the Hugging Face ``tokenizer(texts, padding=..., truncation=...)`` contract), JSON save/load and pickling.
+
+Design: a tokenizer's whole state is its JSON dict (``to_dict``); pickling goes through it too, so caches and
+compiled fast paths are rebuilt in the receiving process, never copied. Subclasses register under their ``kind``
+when defined, so :func:`load_tokenizer` needs no import of the subclasses' modules.
+"""
 
 from __future__ import annotations
 
@@ -21,18 +26,47 @@ class BatchEncoding:
     lengths: tuple[int, ...]  # real length of each row (after truncation)
 
 
+def pad_rows(rows: Sequence[Sequence[int]], pad_id: int, width: int | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad ``rows`` of ids with ``pad_id`` to ``width`` (default: the longest row; longer rows are cut).
+
+    Returns ``(ids, attention_mask)``, both (B, T) int64; the mask is 1 on real tokens, 0 on padding.
+    """
+    width = max((len(r) for r in rows), default=0) if width is None else width
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # (B, T)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)  # (B, T)
+    for b, row in enumerate(rows):
+        n = min(len(row), width)
+        ids[b, :n] = torch.as_tensor(row[:n], dtype=torch.long)
+        mask[b, :n] = 1
+    return ids, mask
+
+
 def check_text(text: Any) -> str:
     if not isinstance(text, str):
         raise TypeError(f"text must be a str, got {type(text).__name__}: {text!r:.80}")
     return text
 
 
+_KINDS: dict[str, type[Tokenizer]] = {}  # kind -> tokenizer class, filled by Tokenizer.__init_subclass__
+
+
 class Tokenizer:
-    """Base class. Subclasses define ``vocab_size``, ``special_tokens``, ``encode``, ``decode``, ``to_dict``
-    and ``from_dict``."""
+    """Base class. Subclasses set ``kind`` and define ``vocab_size``, ``special_tokens``, ``encode``, ``decode``,
+    ``to_dict`` and ``from_dict`` (the whole state: it is what ``save`` writes and what pickling carries)."""
 
     kind = "base"
     special_tokens: dict[str, int]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "kind" in cls.__dict__:  # a class that names its own kind is what load_tokenizer builds for it
+            _KINDS[cls.kind] = cls
+
+    def __reduce__(self):
+        """Pickle as ``type(self).from_dict(self.to_dict())``: what ``Dataset.map(num_proc>1)`` and spawn-started
+        ``DataLoader`` workers need, without shipping caches or compiled fast paths."""
+        return type(self).from_dict, (self.to_dict(),)
 
     @property
     def vocab_size(self) -> int:
@@ -84,14 +118,9 @@ class Tokenizer:
         rows = [self.encode(t) for t in texts]
         if max_length is not None:
             rows = [r[:max_length] if truncation_side == "right" else r[-max_length:] for r in rows]
-        width = max_length if padding == "max_length" else max((len(r) for r in rows), default=0)
         if pad_id is None:
             pad_id = self.special_tokens.get("<pad>", 0)
-        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # (B, T)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)  # (B, T)
-        for b, row in enumerate(rows):
-            ids[b, : len(row)] = torch.tensor(row, dtype=torch.long)
-            mask[b, : len(row)] = 1
+        ids, mask = pad_rows(rows, pad_id, max_length if padding == "max_length" else None)  # (B, T) each
         return BatchEncoding(ids, mask, tuple(len(r) for r in rows))
 
     def decode_batch(self, ids: torch.Tensor | Sequence[Sequence[int]], attention_mask: torch.Tensor | None = None
@@ -125,13 +154,9 @@ class Tokenizer:
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
-    """Load any tokenizer saved with :meth:`Tokenizer.save`."""
-    from companion.tokenization.bpe import BPETokenizer
-    from companion.tokenization.char import CharTokenizer
-
+    """Load any tokenizer saved with :meth:`Tokenizer.save` (its ``kind`` names the class)."""
     state = json.loads(Path(path).read_text(encoding="utf-8"))
-    kinds = {"char": CharTokenizer, "bpe": BPETokenizer}
     kind = state.pop("kind", None)
-    if kind not in kinds:
-        raise ValueError(f"{path}: unknown tokenizer kind {kind!r}; expected one of {sorted(kinds)}")
-    return kinds[kind].from_dict(state)
+    if kind not in _KINDS:
+        raise ValueError(f"{path}: unknown tokenizer kind {kind!r}; expected one of {sorted(_KINDS)}")
+    return _KINDS[kind].from_dict(state)

@@ -53,6 +53,12 @@ def _merge(ids: list[int], pair: tuple[int, int], new_id: int) -> list[int]:
     return out
 
 
+def _check_vocab_size(vocab_size: int, special: Sequence[str]) -> None:
+    if not isinstance(vocab_size, int) or vocab_size < 256 + len(special):
+        raise ValueError(f"vocab_size must be at least 256 (the byte alphabet) + {len(special)} special "
+                         f"tokens = {256 + len(special)}, got {vocab_size!r}")
+
+
 class BPETokenizer(Tokenizer):
     """Byte-level BPE defined by its ordered ``merges`` (pairs of token ids), its pre-tokenization
     ``pattern`` and its ``special_tokens`` (recognised verbatim in the input)."""
@@ -139,9 +145,7 @@ class BPETokenizer(Tokenizer):
         """Learn merges until the vocabulary (256 bytes + merges + special tokens) has ``vocab_size`` entries,
         or no pair occurs ``min_frequency`` times (or at all)."""
         special = list(special_tokens)
-        if not isinstance(vocab_size, int) or vocab_size < 256 + len(special):
-            raise ValueError(f"vocab_size must be at least 256 (the byte alphabet) + {len(special)} special "
-                             f"tokens = {256 + len(special)}, got {vocab_size!r}")
+        _check_vocab_size(vocab_size, special)
         splitter = regex.compile(pattern)
         words: Counter[str] = Counter()
         for text in texts:
@@ -205,9 +209,7 @@ class BPETokenizer(Tokenizer):
         from tokenizers import models, pre_tokenizers, trainers
 
         special = list(special_tokens)
-        if not isinstance(vocab_size, int) or vocab_size < 256 + len(special):
-            raise ValueError(f"vocab_size must be at least 256 (the byte alphabet) + {len(special)} special "
-                             f"tokens = {256 + len(special)}, got {vocab_size!r}")
+        _check_vocab_size(vocab_size, special)
         texts = [check_text(t) for t in texts]
         if not any(texts):
             raise ValueError("cannot train a tokenizer on an empty corpus")

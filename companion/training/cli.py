@@ -2,37 +2,100 @@
 
 The config file gives task, model, data and :class:`TrainConfig`; flags override single ``TrainConfig`` fields
 (``dataclasses.replace``, no ``exec``). CPU by default when no GPU is present, the GPU (bf16) when one is.
+Bad input (a missing file, ``--max-steps 0``, an unknown precision, a config that does not load) stops before any
+work with argparse's one-line ``error:`` and exit status 2: flags are typed, the rest raises ``UsageError``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import re
 from dataclasses import asdict, replace
 from pathlib import Path
 
-# flag -> (TrainConfig field, type, help)
+from companion.errors import UsageError
+
+PRECISIONS = ("fp32", "bf16", "fp16")  # what companion.runtime.choose_precision accepts
+_DEVICE = re.compile(r"(cpu|mps|cuda(:\d+)?)")  # the device types companion.runtime.choose_device picks from
+
+
+# ------------------------------------------------------------------ argparse types: each names the bad value
+def positive_int(text: str) -> int:
+    value = _int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = _int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text!r}")
+    return value
+
+
+def device_name(text: str) -> str:
+    if not _DEVICE.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"must be cpu, mps, cuda or cuda:N, got {text!r}")
+    return text
+
+
+def existing_file(text: str) -> Path:
+    path = Path(text)
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"no such file: {text!r}")
+    return path
+
+
+def existing_path(text: str) -> Path:
+    path = Path(text)
+    if not path.exists():
+        raise argparse.ArgumentTypeError(f"no such file or directory: {text!r}")
+    return path
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+
+
+# flag -> (TrainConfig field, argparse type, help); ``--precision`` is an enumeration (``choices``)
 _OVERRIDES = {
-    "--max-steps": ("max_steps", int, "optimizer steps to train for"),
-    "--batch-size": ("batch_size", int, "examples per micro-batch"),
-    "--grad-accum-steps": ("grad_accum_steps", int, "micro-batches accumulated per optimizer step"),
-    "--lr": ("lr", float, "peak learning rate (after warm-up)"),
-    "--warmup-steps": ("warmup_steps", int, "linear warm-up steps"),
-    "--eval-every": ("eval_every", int, "evaluate every N steps (0: only at the end)"),
-    "--checkpoint-every": ("checkpoint_every", int, "save a checkpoint every N steps (0: only at the end)"),
-    "--seed": ("seed", int, "seed of the data order, model initialisation and masks"),
-    "--device": ("device", str, "cpu, cuda, cuda:1… (default: best available)"),
-    "--precision": ("precision", str, "fp32, bf16 or fp16 (default: chosen for the device)"),
+    "--max-steps": ("max_steps", positive_int, "optimizer steps to train for"),
+    "--batch-size": ("batch_size", positive_int, "examples per micro-batch"),
+    "--grad-accum-steps": ("grad_accum_steps", positive_int, "micro-batches accumulated per optimizer step"),
+    "--lr": ("lr", positive_float, "peak learning rate (after warm-up)"),
+    "--warmup-steps": ("warmup_steps", non_negative_int, "linear warm-up steps"),
+    "--eval-every": ("eval_every", non_negative_int, "evaluate every N steps (0: only at the end)"),
+    "--checkpoint-every": ("checkpoint_every", non_negative_int, "save a checkpoint every N steps (0: only at the end)"),
+    "--seed": ("seed", non_negative_int, "seed of the data order, model initialisation and masks"),
+    "--device": ("device", device_name, "cpu, cuda, cuda:1, mps (default: best available)"),
+    "--precision": ("precision", str, f"one of {', '.join(PRECISIONS)} (default: chosen for the device)"),
     "--out-dir": ("out_dir", str, "run directory for checkpoints, metrics.json and loss_curve.png"),
 }
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=Path, required=True,
+    parser.add_argument("--config", type=existing_file, required=True,
                         help="JSON file with task, model, data and train sections (see configs/)")
     for flag, (_, kind, text) in _OVERRIDES.items():
-        parser.add_argument(flag, type=kind, default=None, help=f"{text}; overrides the config file")
-    parser.add_argument("--resume", type=Path, default=None,
+        parser.add_argument(flag, type=kind, default=None, choices=PRECISIONS if flag == "--precision" else None,
+                            help=f"{text}; overrides the config file")
+    parser.add_argument("--resume", type=existing_path, default=None,
                         help="continue exactly from this checkpoint or run directory")
     parser.add_argument("--no-progress", action="store_true", help="do not draw the progress bar")
     parser.add_argument("--export", type=Path, default=None,
@@ -42,15 +105,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def configure(args: argparse.Namespace):
-    """The :class:`RunConfig` of the file with the flags applied."""
+    """The :class:`RunConfig` of the file with the flags applied; :class:`UsageError` when the file does not load
+    or its values and the flags do not fit together."""
     from companion.training.recipes import RunConfig
 
-    config = RunConfig.from_json(args.config)
+    try:
+        config = RunConfig.from_json(args.config)
+    except (OSError, ValueError, TypeError, KeyError) as e:  # unreadable, not JSON, unknown or missing fields
+        raise UsageError(f"--config {args.config}: {type(e).__name__}: {e}") from e
     changes = {field: getattr(args, flag[2:].replace("-", "_")) for flag, (field, _, _) in _OVERRIDES.items()}
     changes = {k: v for k, v in changes.items() if v is not None}
     if args.no_progress:
         changes["progress"] = False
-    return replace(config, train=replace(config.train, **changes))
+    try:
+        return replace(config, train=replace(config.train, **changes))
+    except ValueError as e:  # e.g. --warmup-steps above the config's max_steps
+        raise UsageError(f"--config {args.config} with the flags given: {e}") from e
+
+
+def check_environment(config, args: argparse.Namespace) -> None:
+    """Refuse, before any work, what this machine or checkout cannot do: an absent device, fp16 on the CPU,
+    --update-manifest without --export or outside the checkout's data/."""
+    from companion.runtime import choose_precision
+
+    try:
+        choose_precision(config.train.device, config.train.precision)
+    except (ValueError, RuntimeError) as e:
+        raise UsageError(f"device {config.train.device!r}, precision {config.train.precision!r}: {e}") from e
+    if args.update_manifest:
+        if args.export is None:
+            raise UsageError("--update-manifest needs --export")
+        _data_root(args.export)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -60,8 +145,9 @@ def main(args: argparse.Namespace) -> int:
 
     import datasets
 
-    datasets.disable_progress_bars()
     config = configure(args)
+    check_environment(config, args)
+    datasets.disable_progress_bars()
     seed_everything(config.train.seed)
     run = prepare(config)
     trainer = Trainer(run.model, config.train, run.train_data, run.collate_fn, run.loss_fn, run.eval_data)
@@ -83,19 +169,26 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def _record(paths: list[Path], config) -> None:
-    from companion.data import checkout_data_dir, describe, load_manifest, write_manifest
+def _data_root(export: Path) -> Path:
+    """The checkout's data/ folder, which must hold ``export``; else :class:`UsageError`."""
+    from companion.data import MANIFEST_NAME, checkout_data_dir
 
     root = checkout_data_dir()
     if root is None:
-        raise SystemExit("--update-manifest needs a source checkout with data/manifest.json")
-    manifest_path = root / "manifest.json"
+        raise UsageError(f"--update-manifest needs a source checkout with data/{MANIFEST_NAME}")
+    if not export.resolve().is_relative_to(root.resolve()):
+        raise UsageError(f"--update-manifest: --export {export} is not inside {root}")
+    return root
+
+
+def _record(paths: list[Path], config) -> None:
+    from companion.data import MANIFEST_NAME, describe, load_manifest, write_manifest
+
+    root = _data_root(paths[0].parent)
+    manifest_path = root / MANIFEST_NAME
     manifest = load_manifest(manifest_path)  # read-modify-write: keep every other entry
     for path in paths:
-        try:
-            name = path.resolve().relative_to(root.resolve()).as_posix()
-        except ValueError:
-            raise SystemExit(f"--update-manifest: {path} is not inside {root}") from None
+        name = path.resolve().relative_to(root.resolve()).as_posix()
         manifest[name] = describe(path, name, source=f"trained by `python -m companion train --config "
                                   f"{config_path_hint(paths)}` (companion, this repository)",
                                   license="MIT (weights derived from chinese-poetry, MIT)",

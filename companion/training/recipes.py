@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +24,14 @@ from torch import nn
 from companion.objectives import MaskingConfig, bert_pretraining_loss, causal_lm_loss, mask_tokens, nsp_pairs
 from companion.pipeline import CausalLMCollator, PackConfig, PairCollator, tokenize_and_pack
 from companion.tokenization import CharTokenizer, load_tokenizer
-from companion.training.checkpoint import CheckpointError, load_weights
+from companion.training.checkpoint import WEIGHTS, CheckpointError, load_weights
 from companion.training.trainer import TrainConfig
 
 TASKS = ("causal_lm", "bert")
 GPT_SPECIALS = ("<pad>", "<unk>", "<eos>")
 BERT_SPECIALS = ("<pad>", "<unk>", "<cls>", "<sep>", "<mask>")
+TOKENIZER, CARD = "tokenizer.json", "config.json"  # beside the weights (WEIGHTS) in an exported model
+EXPORTED = (WEIGHTS, TOKENIZER, CARD)  # the files of an exported model, in this order
 
 
 @dataclass(frozen=True)
@@ -188,11 +190,11 @@ def export_pretrained(directory: str | Path, model: nn.Module, tokenizer: CharTo
     the validation loss); returns the three paths."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    save_model(model, str(directory / "model.safetensors"))
-    tokenizer.save(directory / "tokenizer.json")
+    save_model(model, str(directory / WEIGHTS))
+    tokenizer.save(directory / TOKENIZER)
     card = {"task": task, "model": model_fields, **info}
-    (directory / "config.json").write_text(json.dumps(card, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
-    return [directory / n for n in ("model.safetensors", "tokenizer.json", "config.json")]
+    (directory / CARD).write_text(json.dumps(card, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+    return [directory / n for n in EXPORTED]
 
 
 REFERENCE_MODELS = {"tang_gpt": "checkpoints/tang_gpt", "tang_bert": "checkpoints/tang_bert"}
@@ -205,18 +207,14 @@ def load_pretrained(name_or_dir: str | Path) -> tuple[nn.Module, CharTokenizer, 
         from companion.data import data_path
 
         base = REFERENCE_MODELS[str(name_or_dir)]
-        files = {n: data_path(f"{base}/{n}") for n in ("model.safetensors", "tokenizer.json", "config.json")}
+        files = {n: data_path(f"{base}/{n}") for n in EXPORTED}
     else:
         directory = Path(name_or_dir)
-        files = {n: directory / n for n in ("model.safetensors", "tokenizer.json", "config.json")}
+        files = {n: directory / n for n in EXPORTED}
         missing = [str(p) for p in files.values() if not p.is_file()]
         if missing:
             raise CheckpointError(f"not an exported model (missing {missing}); reference names: {sorted(REFERENCE_MODELS)}")
-    card = json.loads(files["config.json"].read_text(encoding="utf-8"))
+    card = json.loads(files[CARD].read_text(encoding="utf-8"))
     model = build_model(card["task"], card["model"])
-    load_weights(model, load_file(str(files["model.safetensors"])), source=files["model.safetensors"])
-    return model.eval(), load_tokenizer(files["tokenizer.json"]), card
-
-
-def run_summary(config: RunConfig) -> dict[str, Any]:
-    return {"task": config.task, "data": asdict(config.data), "train": asdict(config.train)}
+    load_weights(model, load_file(str(files[WEIGHTS])), source=files[WEIGHTS])
+    return model.eval(), load_tokenizer(files[TOKENIZER]), card

@@ -4,6 +4,7 @@ exports a model which loads back with one call and reproduces its recorded valid
 import json
 
 import pytest
+import torch
 
 from companion.__main__ import build_parser, main
 from companion.training.cli import configure
@@ -62,3 +63,63 @@ def test_train_export_load(tmp_path, capsys, task):
     assert card["task"] == task and card["steps"] == 3 and round(card["val_loss"], 4) == recorded
     assert validation_loss(model, tokenizer, card) == pytest.approx(card["val_loss"], abs=1e-5)
     assert (tmp_path / "run" / "LATEST").is_file() and (tmp_path / "run" / "loss_curve.png").is_file()
+
+
+def _usage_error(capsys, argv) -> str:
+    """Run ``python -m companion`` in-process; it must stop like argparse: SystemExit(2), one error line."""
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2, err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("python -m companion train: error: ")
+    return err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    ([], "the following arguments are required: --config"),
+    (["--max-steps", "0"], "argument --max-steps: must be a positive integer, got '0'"),
+    (["--batch-size", "-4"], "argument --batch-size: must be a positive integer, got '-4'"),
+    (["--grad-accum-steps", "2.5"], "argument --grad-accum-steps: must be an integer, got '2.5'"),
+    (["--warmup-steps", "-1"], "argument --warmup-steps: must be an integer >= 0, got '-1'"),
+    (["--eval-every", "-2"], "argument --eval-every: must be an integer >= 0, got '-2'"),
+    (["--seed", "-1"], "argument --seed: must be an integer >= 0, got '-1'"),
+    (["--lr", "-0.1"], "argument --lr: must be a positive finite number, got '-0.1'"),
+    (["--lr", "nan"], "argument --lr: must be a positive finite number, got 'nan'"),
+    (["--lr", "fast"], "argument --lr: must be a number, got 'fast'"),
+    (["--precision", "fp64"], "argument --precision: invalid choice: 'fp64'"),
+    (["--device", "tpu"], "argument --device: must be cpu, mps, cuda or cuda:N, got 'tpu'"),
+    (["--resume", "no/such/run"], "argument --resume: no such file or directory: 'no/such/run'"),
+])
+def test_bad_flags_end_with_a_usage_error(tmp_path, capsys, flags, message):
+    config = [] if not flags else ["--config", str(write(tmp_path, TINY))]
+    assert message in _usage_error(capsys, ["train", *config, *flags])
+
+
+def test_bad_config_files_end_with_a_usage_error(tmp_path, capsys):
+    assert "argument --config: no such file: " in _usage_error(capsys, ["train", "--config", str(tmp_path / "x.json")])
+    (tmp_path / "broken.json").write_text("{not json")
+    assert "JSONDecodeError" in _usage_error(capsys, ["train", "--config", str(tmp_path / "broken.json")])
+    line = _usage_error(capsys, ["train", "--config", str(write(tmp_path, {**TINY, "optimiser": {}}))])
+    assert "unknown sections ['optimiser']" in line
+    line = _usage_error(capsys, ["train", "--config", str(write(tmp_path, {**TINY, "task": "gpt"}))])
+    assert "task must be one of" in line
+    # each value is fine alone; together they are not (warm-up longer than the run)
+    line = _usage_error(capsys, ["train", "--config", str(write(tmp_path, TINY)), "--warmup-steps", "10"])
+    assert "warmup_steps=10, decay_steps=3" in line
+
+
+def test_unusable_device_or_manifest_target_ends_with_a_usage_error(tmp_path, capsys):
+    config = ["train", "--config", str(write(tmp_path, TINY))]
+    assert "fp16 autocast on the CPU" in _usage_error(capsys, [*config, "--device", "cpu", "--precision", "fp16"])
+    assert "--update-manifest needs --export" in _usage_error(capsys, [*config, "--update-manifest"])
+    line = _usage_error(capsys, [*config, "--export", str(tmp_path / "out"), "--update-manifest"])
+    assert f"--export {tmp_path / 'out'} is not inside" in line or "needs a source checkout" in line
+    if not torch.cuda.is_available():
+        assert "CUDA is not available" in _usage_error(capsys, [*config, "--device", "cuda"])
+
+
+def test_enumerated_flags_have_choices():
+    parser = build_parser()
+    train = parser._subparsers._group_actions[0].choices["train"]
+    precision = next(a for a in train._actions if "--precision" in a.option_strings)
+    assert tuple(precision.choices) == ("fp32", "bf16", "fp16")
