@@ -40,7 +40,7 @@ def bytes_to_unicode() -> dict[int, str]:
 BYTE_ORDER: tuple[int, ...] = tuple(bytes_to_unicode())  # byte value of base token id i
 
 
-def _merge(ids: list[int], pair: tuple[int, int], new_id: int) -> list[int]:
+def merge_pair(ids: list[int], pair: tuple[int, int], new_id: int) -> list[int]:
     """Replace every occurrence of ``pair`` in ``ids``, left to right."""
     out, i = [], 0
     while i < len(ids):
@@ -111,7 +111,7 @@ class BPETokenizer(Tokenizer):
             pair = min(zip(ids, ids[1:]), key=lambda p: self.ranks.get(p, (len(self.ranks), 0))[0])
             if pair not in self.ranks:
                 break
-            ids = _merge(ids, pair, self.ranks[pair][1])
+            ids = merge_pair(ids, pair, self.ranks[pair][1])
         return tuple(ids)
 
     def encode(self, text: str) -> list[int]:
@@ -187,7 +187,7 @@ class BPETokenizer(Tokenizer):
                 for p in zip(seq, seq[1:]):
                     pair_counts[p] -= f
                     touched.add(p)
-                seq = seqs[w] = _merge(seq, pair, new_id)
+                seq = seqs[w] = merge_pair(seq, pair, new_id)
                 for p in zip(seq, seq[1:]):
                     pair_counts[p] += f
                     where[p].add(w)
