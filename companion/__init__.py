@@ -54,7 +54,8 @@ _LAZY = {
     **dict.fromkeys(["causal_lm_loss", "mask_tokens", "nsp_pairs", "bert_pretraining_loss", "MaskingConfig"],
                     "companion.objectives"),
     **dict.fromkeys(["Trainer", "TrainConfig", "OptimizerConfig", "lr_at", "build_optimizer", "save_checkpoint",
-                     "load_checkpoint", "History", "plot_history"], "companion.training"),
+                     "load_checkpoint", "History", "plot_history", "MemoryEstimate", "estimate_memory",
+                     "memory_table", "format_gib"], "companion.training"),
     "load_pretrained": "companion.training.recipes",
     "CheckpointError": "companion.errors",
     "load_hf_model": "companion.models",  # alias of companion.models.from_pretrained

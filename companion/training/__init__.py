@@ -1,5 +1,5 @@
 """Training: AdamW with parameter groups and the warmup + cosine schedule (:mod:`.optim`), atomic and exactly
-resumable checkpoints (:mod:`.checkpoint`), metrics and the loss curve (:mod:`.metrics`), and the loop
+resumable checkpoints (:mod:`.checkpoint`), memory accounting (:mod:`.memory`), metrics and the loss curve (:mod:`.metrics`), and the loop
 (:mod:`.trainer`)."""
 
 from companion.training.checkpoint import (
@@ -7,6 +7,14 @@ from companion.training.checkpoint import (
     load_checkpoint,
     load_weights,
     save_checkpoint,
+)
+from companion.training.memory import (
+    MemoryEstimate,
+    activation_bytes,
+    estimate_memory,
+    format_gib,
+    memory_table,
+    published_configs,
 )
 from companion.training.metrics import History, ProgressBar, plot_history
 from companion.training.optim import (
@@ -23,17 +31,23 @@ from companion.training.trainer import Trainer, TrainConfig
 __all__ = [
     "CheckpointError",
     "History",
+    "MemoryEstimate",
     "OptimizerConfig",
     "ProgressBar",
     "TrainConfig",
     "Trainer",
+    "activation_bytes",
     "adamw_step",
     "build_optimizer",
+    "estimate_memory",
+    "format_gib",
     "load_checkpoint",
     "load_weights",
     "lr_at",
+    "memory_table",
     "param_groups",
     "plot_history",
+    "published_configs",
     "save_checkpoint",
     "set_lr",
     "split_decay",
