@@ -46,12 +46,56 @@ def test_choose_device_cpu_and_missing_cuda():
             choose_device("cuda")
 
 
-def test_cpu_precision_defaults_to_fp32_without_scaler():
+def _fake_cpu(monkeypatch, native_bf16: bool, deterministic: bool) -> None:
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda cpuinfo="/proc/cpuinfo": native_bf16)
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: deterministic)
+
+
+@pytest.mark.parametrize("native_bf16, deterministic, expected", [
+    (True, False, "bf16"),  # e.g. `python -m companion train` on a Sapphire Rapids or Graviton 3
+    (True, True, "fp32"),  # a notebook (setup_notebook turns deterministic algorithms on) on the same CPU
+    (False, False, "fp32"),  # a CPU without bfloat16 instructions
+    (False, True, "fp32"),
+])
+def test_cpu_precision_bf16_only_with_native_bf16_and_no_determinism(monkeypatch, native_bf16, deterministic,
+                                                                      expected):
+    _fake_cpu(monkeypatch, native_bf16, deterministic)
+    for device in (None, "cpu"):
+        p = choose_precision(device)
+        assert (p.device.type, p.name, p.grad_scaler) == ("cpu", expected, False)
+    assert choose_precision("cpu", prefer="fp32").name == "fp32"  # prefer overrides either way
+    assert choose_precision("cpu", prefer="bf16").name == "bf16"
+
+
+def test_cpu_fp32_autocast_is_a_no_op(monkeypatch):
+    _fake_cpu(monkeypatch, native_bf16=False, deterministic=False)
     p = choose_precision("cpu")
     assert (p.dtype, p.grad_scaler, p.name) == (torch.float32, False, "fp32")
     x = torch.randn(2, 3)
     with p.autocast():
         assert (x @ x.T).dtype == torch.float32
+
+
+def test_notebooks_get_fp32_even_on_a_bf16_cpu(monkeypatch):
+    """The real switch, not a mock: setup_notebook's deterministic algorithms keep a bf16-capable CPU on fp32."""
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda cpuinfo="/proc/cpuinfo": True)
+    before = torch.get_num_threads()
+    try:
+        torch.use_deterministic_algorithms(False)
+        assert choose_precision("cpu").name == "bf16"
+        companion.setup_notebook(seed=0, threads=before)
+        assert choose_precision("cpu").name == "fp32"
+    finally:
+        runtime.set_deterministic(False)
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("prefer, device, expected", [
+    ("fp32", "cpu", "fp32 on cpu"),
+    ("bf16", "cpu", "bf16 autocast on cpu"),
+])
+def test_precision_describe(prefer, device, expected):
+    assert choose_precision(device, prefer=prefer).describe() == expected
 
 
 def test_cpu_bf16_autocast_computes_in_bf16():
@@ -93,6 +137,8 @@ def test_cuda_precision_follows_compute_capability(monkeypatch, name, capability
         assert (p.name, p.grad_scaler) == (expected, expected == "fp16"), name  # fp16 needs loss scaling
     assert runtime.cuda_has_native_bf16() == (expected == "bf16")
     assert choose_precision("cuda", prefer="fp32").name == "fp32"  # prefer still overrides
+    assert choose_precision("cuda:0").describe() == (
+        "fp16 autocast + GradScaler on cuda:0" if expected == "fp16" else "bf16 autocast on cuda:0")
 
 
 X86_CPUINFO = """processor\t: 0
@@ -112,14 +158,14 @@ CPU implementer\t: 0x41
     (ARM_CPUINFO.format(extra=""), False),  # Neoverse N1
     (ARM_CPUINFO.format(extra=" bf16 i8mm"), True),  # Neoverse V1/N2, Graviton 3
 ], ids=["avx512", "avx512_bf16", "amx", "arm", "arm_bf16"])
-def test_cpu_bf16_capability_is_queryable_but_cpu_stays_fp32(tmp_path, monkeypatch, text, native):
+def test_cpu_bf16_capability_from_cpuinfo(tmp_path, monkeypatch, text, native):
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text(text)
     assert runtime.cpu_has_native_bf16(cpuinfo) is native
-    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda cpuinfo="/proc/cpuinfo": native)
-    p = choose_precision("cpu")  # the default does not depend on the CPU: notebooks reproduce on every CPU
-    assert (p.name, p.grad_scaler) == ("fp32", False)
-    assert choose_precision("cpu", prefer="bf16").name == "bf16"  # allowed either way
+    # the default reads /proc/cpuinfo: point it at the fake file, deterministic algorithms off
+    monkeypatch.setattr(runtime.cpu_has_native_bf16, "__defaults__", (cpuinfo,))
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: False)
+    assert choose_precision("cpu").name == ("bf16" if native else "fp32")
 
 
 @pytest.mark.parametrize("probe", [True, False])
