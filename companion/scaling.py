@@ -40,7 +40,8 @@ def _positive(name: str, value: float) -> float:
     return float(value)
 
 
-def flops_per_token(model: float | AnyConfig, n_ctx: int | None = None, *, training: bool = True) -> float:
+def flops_per_token(model: float | AnyConfig, n_ctx: int | None = None, *, training: bool = True, head: bool = False,
+                    full_attention: bool = False) -> float:
     """FLOPs per token (Kaplan et al. 2020, Table 1): a forward pass costs 2N + 2 * n_layers * n_ctx * d_attn,
     with N the non-embedding parameters (one multiply-add per weight) and the second term the attention scores
     and their weighted sum; training (forward + backward, the backward about twice the forward) costs 3x that.
@@ -52,11 +53,21 @@ def flops_per_token(model: float | AnyConfig, n_ctx: int | None = None, *, train
     target token with a source of the same length: both stacks run once, and the decoder attends over n_ctx
     keys twice (self and cross). Hoffmann et al. (2022, Appendix F) count the attention term twice as large and
     include the output layer; the difference is small while n_ctx << 12 * d_model.
+
+    Two options, off by default, count what a kernel actually computes (``FlopCounterMode`` agrees with them; see
+    tests/test_scaling.py): ``head=True`` adds the output layer, 2 * V * d_model per forward (Kaplan's "de-embed",
+    left out of his C_forward); ``full_attention=True`` doubles the attention term to 4 * n_layers * n_ctx * d_model,
+    Q K^T and the weighted sum with every query against all n_ctx keys, as a dense attention kernel computes them
+    (Kaplan's term equals them with each query attending to n_ctx / 2 keys on average, a causal mask exploited).
+    The remaining gap to a matmul count is N's biases and norm weights, counted here at 2 FLOPs each per token.
     """
     passes = 3.0 if training else 1.0  # forward only, or forward + backward
     if not dataclasses.is_dataclass(model):
         if n_ctx is not None:
             raise ValueError(f"n_ctx={n_ctx!r} needs a model config: a parameter count alone gives no layers or width")
+        if head or full_attention:
+            raise ValueError(f"head={head!r}, full_attention={full_attention!r} need a model config: a parameter count "
+                             "alone gives no vocabulary, layers or width")
         return passes * 2.0 * _positive("n_params", model)
     from companion.models.counting import count_parameters  # a config: the models are needed to count N
     from companion.models.t5 import T5Config
@@ -67,8 +78,9 @@ def flops_per_token(model: float | AnyConfig, n_ctx: int | None = None, *, train
     if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 1:
         raise ValueError(f"n_ctx must be a positive int, got {n_ctx!r}")
     layers = model.n_layers + 2 * model.decoder_layers if isinstance(model, T5Config) else model.n_layers
-    attention = 2.0 * layers * n_ctx * model.d_model  # scores and weighted sum (d_attn = H * D = C)
-    return passes * (2.0 * n + attention)
+    attention = (4.0 if full_attention else 2.0) * layers * n_ctx * model.d_model  # scores, weighted sum (d_attn = C)
+    output = 2.0 * model.vocab_size * model.d_model if head else 0.0  # logits: (C) @ (C, V) per token
+    return passes * (2.0 * n + attention + output)
 
 
 def training_flops(n_params: float, n_tokens: float) -> float:
