@@ -1,0 +1,203 @@
+"""One full training step (forward, loss, backward, AdamW) of our GPT vs transformers' GPT2LMHeadModel (SDPA) and a
+minimal nanoGPT-style model written here, on the same shape, in fp32 and under bf16 autocast; tokens/s and MFU.
+
+    .venv/bin/python benchmarks/train_step.py [--rounds 5] [--steps 3] [--threads 2] [--profile]
+
+Shape: 6 layers, 6 heads, width 384, context 256, vocabulary 8,000, batch 8, dropout 0, tied head (about 14M
+parameters). All three use torch.optim.AdamW (lr 3e-4, foreach) and the next-token loss on T - 1 positions. bf16 runs
+only where the CPU has bfloat16 instructions (`companion.runtime.cpu_has_native_bf16`). Each round times every
+(model, precision) once, in alternating order; reported are the medians over rounds of tokens/s and of the per-round
+ratios, so drift of a shared machine hits all sides alike. MFU (PaLM, Appendix B) divides the model FLOP/s,
+`flops_per_token(config, head=True, full_attention=True)` per token, by the fp32 matmul peak measured here
+(`companion.training.throughput.measure_matmul_peak`, the same thread count), and for bf16 also by the bf16 matmul
+peak (a bf16 step can beat the fp32 peak). ``--profile`` adds torch.profiler's top
+operators of one step of ours and of the minimal model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ROOT = Path(__file__).resolve().parent.parent
+# run as a script, benchmarks/ comes first on sys.path, and benchmarks/tokenizers.py would shadow the tokenizers
+# package that transformers imports
+sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != ROOT / "benchmarks"]
+from companion.models import GPT, GPTConfig  # noqa: E402
+from companion.objectives import causal_lm_loss  # noqa: E402
+from companion.runtime import choose_precision, cpu_has_native_bf16, environment_report  # noqa: E402
+from companion.scaling import flops_per_token  # noqa: E402
+from companion.training.throughput import measure_matmul_peak, measure_throughput, mfu  # noqa: E402
+
+CONFIG = GPTConfig(vocab_size=8000, n_ctx=256, n_layers=6, d_model=384, n_heads=6, dropout=0.0)
+
+
+# ------------------------------------------------------------------ a minimal nanoGPT-style model (Karpathy's layout)
+class MiniAttention(nn.Module):
+    def __init__(self, c: int, h: int) -> None:
+        super().__init__()
+        self.h = h
+        self.c_attn = nn.Linear(c, 3 * c)  # fused q, k, v
+        self.c_proj = nn.Linear(c, c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, c = x.shape
+        q, k, v = self.c_attn(x).split(c, dim=2)  # 3 x (B, T, C)
+        q, k, v = (z.view(b, t, self.h, c // self.h).transpose(1, 2) for z in (q, k, v))  # (B, H, T, D)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, D)
+        return self.c_proj(y.transpose(1, 2).reshape(b, t, c))  # (B, T, C)
+
+
+class MiniBlock(nn.Module):
+    def __init__(self, c: int, h: int) -> None:
+        super().__init__()
+        self.ln_1, self.attn, self.ln_2 = nn.LayerNorm(c), MiniAttention(c, h), nn.LayerNorm(c)
+        self.c_fc, self.c_proj = nn.Linear(c, 4 * c), nn.Linear(4 * c, c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.c_proj(F.gelu(self.c_fc(self.ln_2(x)), approximate="tanh"))
+
+
+class MiniGPT(nn.Module):
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.wte, self.wpe = nn.Embedding(cfg.vocab_size, cfg.d_model), nn.Embedding(cfg.n_ctx, cfg.d_model)
+        self.blocks = nn.ModuleList(MiniBlock(cfg.d_model, cfg.n_heads) for _ in range(cfg.n_layers))
+        self.ln_f = nn.LayerNorm(cfg.d_model)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight  # tied
+        for p in self.parameters():
+            if p.dim() == 2:
+                nn.init.normal_(p, std=0.02)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))  # (B, T, C)
+        for block in self.blocks:
+            x = block(x)
+        return self.lm_head(self.ln_f(x))  # (B, T, V)
+
+
+def mini_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Shift the labels, not the logits (nanoGPT's targets; transformers' ForCausalLMLoss): no (B, T-1, V) copy."""
+    logits = model(ids)  # (B, T, V)
+    labels = F.pad(ids[:, 1:], (0, 1), value=-100)  # (B, T): the last position has no target
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+
+
+def build(name: str) -> tuple[nn.Module, Callable[[nn.Module, torch.Tensor], torch.Tensor]]:
+    torch.manual_seed(0)
+    if name == "ours":
+        return GPT(CONFIG), lambda m, ids: causal_lm_loss(m(ids), ids)
+    if name == "minimal":
+        return MiniGPT(CONFIG), mini_loss
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    hf_config = GPT2Config(vocab_size=CONFIG.vocab_size, n_positions=CONFIG.n_ctx, n_embd=CONFIG.d_model,
+                           n_layer=CONFIG.n_layers, n_head=CONFIG.n_heads, resid_pdrop=0.0, embd_pdrop=0.0,
+                           attn_pdrop=0.0, activation_function="gelu_new")
+    model = AutoModelForCausalLM.from_config(hf_config, attn_implementation="sdpa")
+    assert model.config._attn_implementation == "sdpa"
+    return model, lambda m, ids: m(input_ids=ids, labels=ids).loss
+
+
+def make_step(model: nn.Module, loss_fn, optimizer: torch.optim.Optimizer, ids: torch.Tensor, precision: str):
+    ctx = choose_precision("cpu", prefer=precision)
+
+    def step() -> float:
+        optimizer.zero_grad(set_to_none=True)
+        with ctx.autocast():
+            loss = loss_fn(model, ids)
+        loss.backward()
+        optimizer.step()
+        return loss.item()
+
+    return step
+
+
+def profile(steps: dict[str, Callable[[], float]], top: int) -> None:
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    for name, step in steps.items():
+        step()  # warm-up outside the trace
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            step()
+        events = prof.key_averages()
+        total = sum(e.self_cpu_time_total for e in events)
+        print(f"\nprofile {name}: {total / 1e3:,.0f} ms self CPU in one step; top {top} operators")
+        for e in sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]:
+            print(f"  {e.key:<44} {e.self_cpu_time_total / 1e3:8.1f} ms {100 * e.self_cpu_time_total / total:5.1f}%"
+                  f"  calls {e.count}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5, help="alternating rounds (medians over rounds are reported)")
+    parser.add_argument("--steps", type=int, default=3, help="timed training steps per (model, precision) and round")
+    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    parser.add_argument("--batch-size", type=int, default=8, help="sequences per step")
+    parser.add_argument("--models", nargs="+", default=["ours", "minimal", "transformers"],
+                        choices=["ours", "minimal", "transformers"], help="implementations to time")
+    parser.add_argument("--profile", action="store_true", help="also print torch.profiler's top operators")
+    parser.add_argument("--profile-top", type=int, default=12, help="operators listed per profile")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+    precisions = ["fp32", "bf16"] if cpu_has_native_bf16() else ["fp32"]
+    ids = torch.randint(CONFIG.vocab_size, (args.batch_size, CONFIG.n_ctx), generator=torch.Generator().manual_seed(0))
+    tokens = ids.numel()
+    steps: dict[tuple[str, str], Callable[[], float]] = {}
+    for name in args.models:
+        model, loss_fn = build(name)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4)
+        n = sum(p.numel() for p in model.parameters())
+        first = make_step(model, loss_fn, optimizer, ids, "fp32")()
+        print(f"{name:<13} {n:,} parameters, first loss {first:.3f} (ln V = {math.log(CONFIG.vocab_size):.3f})")
+        for p in precisions:
+            steps[name, p] = make_step(model, loss_fn, optimizer, ids, p)
+
+    report = environment_report()
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    peak = {p: measure_matmul_peak(torch.float32 if p == "fp32" else torch.bfloat16, n=1024, repeats=10)
+            for p in precisions}
+    per_token = flops_per_token(CONFIG, head=True, full_attention=True)
+    print(f"torch {report['torch']}, {args.threads} threads, {report['platform']}, load average {load:.1f}; "
+          f"batch {args.batch_size} x {CONFIG.n_ctx} = {tokens} tokens, {per_token / 1e6:.1f} MFLOPs/token")
+    print(f"matmul peak (1024^3): " + ", ".join(f"{p} {v / 1e9:.0f} GFLOP/s" for p, v in peak.items())
+          + ("" if "bf16" in precisions else "; this CPU has no bfloat16 instructions: bf16 not timed"))
+
+    rates: dict[tuple[str, str], list[float]] = {key: [] for key in steps}
+    keys = list(steps)
+    for r in range(args.rounds):
+        for key in keys if r % 2 == 0 else keys[::-1]:
+            rates[key].append(measure_throughput(steps[key], tokens, warmup=1, repeats=args.steps))
+
+    print(f"\n{'model':<13} {'precision':<9} {'tokens/s':>9} {'MFU vs fp32 peak':>17} {'vs own peak':>12}"
+          f"  {'ours / this':>11}")
+    for (name, p), values in rates.items():
+        tps = statistics.median(values)
+        ratio = statistics.median(a / b for a, b in zip(rates["ours", p], values)) if ("ours", p) in rates else math.nan
+        print(f"{name:<13} {p:<9} {tps:9,.0f} {100 * mfu(tps, per_token, peak['fp32']):16.1f}%"
+              f" {100 * mfu(tps, per_token, peak[p]):11.1f}%  {ratio:11.2f}")
+    if "bf16" in precisions:
+        for name in args.models:
+            speedup = statistics.median(b / a for a, b in zip(rates[name, "fp32"], rates[name, "bf16"]))
+            print(f"bf16 / fp32 {name}: {speedup:.2f}x")
+    if args.profile:
+        profile({f"{name} {p}": steps[name, p] for name in ("ours", "minimal") if name in args.models
+                 for p in precisions}, args.profile_top)
+
+
+if __name__ == "__main__":
+    main()
