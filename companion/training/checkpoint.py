@@ -9,6 +9,8 @@ Layout of a run directory::
 
 A checkpoint is written into a temporary directory and renamed into place (``os.replace``), then ``LATEST``
 is replaced the same way: a crash at any moment leaves the previous checkpoint intact and pointed to.
+A model or optimizer may also be given as a full state dict (what rank 0 gathers from DDP/FSDP ranks, see
+:mod:`.distributed`), so a checkpoint written by ``W`` ranks loads in one process.
 """
 
 from __future__ import annotations
@@ -18,12 +20,13 @@ import random
 import shutil
 import tempfile
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_model
+from safetensors.torch import load_file, save_file, save_model
 from torch import nn
 
 from companion.data import atomic_write_bytes, sha256sum
@@ -49,10 +52,12 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(run_dir: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None, step: int,
+def save_checkpoint(run_dir: str | Path, model: nn.Module | Mapping[str, torch.Tensor],
+                    optimizer: torch.optim.Optimizer | Mapping[str, Any] | None, step: int,
                     extra: dict[str, Any] | None = None, keep: int = 1) -> Path:
     """Write ``run_dir/step-<step>/`` atomically, point ``LATEST`` at it, keep the newest ``keep`` checkpoints.
 
+    ``model``/``optimizer``: the objects, or their state dicts (a weights dict must hold each shared tensor once).
     ``extra`` (config, history, scaler state…) is stored in ``state.pt`` next to the optimizer and RNG states.
     Returns the checkpoint directory.
     """
@@ -63,13 +68,20 @@ def save_checkpoint(run_dir: str | Path, model: nn.Module, optimizer: torch.opti
     final = run_dir / f"step-{step:08d}"
     tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=f".{final.name}.", suffix=".tmp"))
     try:
-        save_model(model, str(tmp / WEIGHTS))
+        if isinstance(model, nn.Module):
+            save_model(model, str(tmp / WEIGHTS))
+            tensors = model.state_dict()
+        else:
+            tensors = dict(model)
+            save_file(tensors, str(tmp / WEIGHTS))
+        if isinstance(optimizer, torch.optim.Optimizer):
+            optimizer = optimizer.state_dict()
         state = {
             "format_version": FORMAT_VERSION,
             "step": step,
             "weights_sha256": sha256sum(tmp / WEIGHTS),
-            "shapes": {k: tuple(v.shape) for k, v in model.state_dict().items()},
-            "optimizer": None if optimizer is None else optimizer.state_dict(),
+            "shapes": {k: tuple(v.shape) for k, v in tensors.items()},
+            "optimizer": None if optimizer is None else optimizer,
             "rng": rng_state(),
             **(extra or {}),
         }
@@ -102,11 +114,10 @@ def resolve(path: str | Path) -> Path:
     return path
 
 
-def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
-                    restore_rng: bool = True, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load weights into ``model`` (and state into ``optimizer``; RNG states if ``restore_rng``); return the
-    state dict (``step``, ``history``, whatever ``extra`` held). Raises :class:`CheckpointError` naming the file
-    and the mismatch when the checkpoint is corrupt or does not fit."""
+def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu"
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """``(weights, state)`` of a checkpoint (directory or run directory), checked: format version and the sha256
+    of the weights. Raises :class:`CheckpointError` naming the file when it is corrupt."""
     path = resolve(path)
     weights_file, state_file = path / WEIGHTS, path / STATE
     try:
@@ -124,17 +135,39 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
         tensors = load_file(str(weights_file), device=str(map_location))
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"cannot read weights {weights_file}: {e}") from e
-    load_weights(model, tensors, source=weights_file)
+    state["path"] = path
+    return tensors, state
+
+
+def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                    restore_rng: bool = True, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load weights into ``model`` (and state into ``optimizer``; RNG states if ``restore_rng``); return the
+    state dict (``step``, ``history``, whatever ``extra`` held). Raises :class:`CheckpointError` naming the file
+    and the mismatch when the checkpoint is corrupt or does not fit."""
+    tensors, state = read_checkpoint(path, map_location)
+    state_file = state["path"] / STATE
+    load_weights(model, tensors, source=state["path"] / WEIGHTS)
     if optimizer is not None:
         if state["optimizer"] is None:
             raise CheckpointError(f"{state_file} holds no optimizer state")
         try:
-            optimizer.load_state_dict(state["optimizer"])
+            load_optimizer(model, optimizer, state["optimizer"])
         except (ValueError, KeyError, RuntimeError) as e:
             raise CheckpointError(f"optimizer state in {state_file} does not fit this optimizer: {e}") from e
     if restore_rng:
         set_rng_state(state["rng"])
     return state
+
+
+def load_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """``optimizer.load_state_dict``, also for a state keyed by parameter name (as :mod:`.distributed` saves it)."""
+    if any(isinstance(k, str) for k in state["state"]) or any(
+            isinstance(p, str) for g in state["param_groups"] for p in g["params"]):
+        from companion.training.distributed import load_optimizer_state
+
+        load_optimizer_state(model, optimizer, state)
+    else:
+        optimizer.load_state_dict(state)
 
 
 def load_weights(model: nn.Module, tensors: dict[str, torch.Tensor], source: str | Path = "<tensors>") -> None:

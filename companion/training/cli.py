@@ -2,6 +2,8 @@
 
 The config file gives task, model, data and :class:`TrainConfig`; flags override single ``TrainConfig`` fields
 (``dataclasses.replace``, no ``exec``). CPU by default when no GPU is present, the GPU (bf16) when one is.
+Data parallel: ``torchrun --nproc_per_node=N -m companion train --config ... --parallel ddp`` (or ``fsdp``); each
+rank takes ``--batch-size`` rows of a global batch N times larger, and only rank 0 prints and writes files.
 Bad input (a missing file, ``--max-steps 0``, an unknown precision, a config that does not load) stops before any
 work with argparse's one-line ``error:`` and exit status 2: flags are typed, the rest raises ``UsageError``.
 """
@@ -18,6 +20,7 @@ from pathlib import Path
 from companion.errors import UsageError
 
 PRECISIONS = ("fp32", "bf16", "fp16")  # what companion.runtime.choose_precision accepts
+PARALLEL = ("none", "ddp", "fsdp")  # what companion.training.distributed accepts (TrainConfig.parallel)
 _DEVICE = re.compile(r"(cpu|mps|cuda(:\d+)?)")  # the device types companion.runtime.choose_device picks from
 
 
@@ -73,7 +76,7 @@ def _int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
 
 
-# flag -> (TrainConfig field, argparse type, help); ``--precision`` is an enumeration (``choices``)
+# flag -> (TrainConfig field, argparse type, help); enumerations get ``choices`` (_CHOICES)
 _OVERRIDES = {
     "--max-steps": ("max_steps", positive_int, "optimizer steps to train for"),
     "--batch-size": ("batch_size", positive_int, "examples per micro-batch"),
@@ -86,6 +89,15 @@ _OVERRIDES = {
     "--device": ("device", device_name, "cpu, cuda, cuda:1, mps (default: best available)"),
     "--precision": ("precision", str, f"one of {', '.join(PRECISIONS)} (default: chosen for the device)"),
     "--out-dir": ("out_dir", str, "run directory for checkpoints, metrics.json and loss_curve.png"),
+    "--parallel": ("parallel", str, "data parallelism under torchrun: none, ddp (DistributedDataParallel) or fsdp "
+                   "(FSDP2 fully_shard per block)"),
+}
+_CHOICES = {"--precision": PRECISIONS, "--parallel": PARALLEL}
+# switch -> (TrainConfig field set to True, help)
+_SWITCHES = {
+    "--activation-checkpointing": ("activation_checkpointing", "recompute each Transformer block in backward "
+                                   "(less activation memory, about one more forward of compute)"),
+    "--compile": ("compile", "run the model through torch.compile"),
 }
 
 
@@ -93,8 +105,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=existing_file, required=True,
                         help="JSON file with task, model, data and train sections (see configs/)")
     for flag, (_, kind, text) in _OVERRIDES.items():
-        parser.add_argument(flag, type=kind, default=None, choices=PRECISIONS if flag == "--precision" else None,
+        parser.add_argument(flag, type=kind, default=None, choices=_CHOICES.get(flag),
                             help=f"{text}; overrides the config file")
+    for flag, (_, text) in _SWITCHES.items():
+        parser.add_argument(flag, action="store_true", help=f"{text}; overrides the config file")
     parser.add_argument("--resume", type=existing_path, default=None,
                         help="continue exactly from this checkpoint or run directory")
     parser.add_argument("--no-progress", action="store_true", help="do not draw the progress bar")
@@ -115,6 +129,7 @@ def configure(args: argparse.Namespace):
         raise UsageError(f"--config {args.config}: {type(e).__name__}: {e}") from e
     changes = {field: getattr(args, flag[2:].replace("-", "_")) for flag, (field, _, _) in _OVERRIDES.items()}
     changes = {k: v for k, v in changes.items() if v is not None}
+    changes.update({field: True for flag, (field, _) in _SWITCHES.items() if getattr(args, flag[2:].replace("-", "_"))})
     if args.no_progress:
         changes["progress"] = False
     try:
@@ -125,13 +140,18 @@ def configure(args: argparse.Namespace):
 
 def check_environment(config, args: argparse.Namespace) -> None:
     """Refuse, before any work, what this machine or checkout cannot do: an absent device, fp16 on the CPU,
-    --update-manifest without --export or outside the checkout's data/."""
+    --update-manifest without --export or outside the checkout's data/, --parallel outside torchrun."""
+    import os
+
     from companion.runtime import choose_precision
 
     try:
         choose_precision(config.train.device, config.train.precision)
     except (ValueError, RuntimeError) as e:
         raise UsageError(f"device {config.train.device!r}, precision {config.train.precision!r}: {e}") from e
+    if config.train.parallel != "none" and not {"RANK", "WORLD_SIZE"} <= set(os.environ):
+        raise UsageError(f"--parallel {config.train.parallel} needs torchrun: torchrun --nproc_per_node=N "
+                         f"-m companion train --config {args.config} --parallel {config.train.parallel}")
     if args.update_manifest:
         if args.export is None:
             raise UsageError("--update-manifest needs --export")
@@ -139,33 +159,55 @@ def check_environment(config, args: argparse.Namespace) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    config = configure(args)
+    check_environment(config, args)
+    try:
+        return _train(config, args)
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(config, args: argparse.Namespace) -> int:
     from companion.runtime import seed_everything
-    from companion.training.recipes import export_pretrained, prepare
+    from companion.training.checkpoint import load_weights
+    from companion.training.distributed import model_state
+    from companion.training.recipes import build_model, export_pretrained, prepare
     from companion.training.trainer import Trainer
 
     import datasets
 
-    config = configure(args)
-    check_environment(config, args)
     datasets.disable_progress_bars()
-    seed_everything(config.train.seed)
+    seed_everything(config.train.seed)  # the same initial weights on every rank
     run = prepare(config)
+    n_params = sum(p.numel() for p in run.model.parameters())
     trainer = Trainer(run.model, config.train, run.train_data, run.collate_fn, run.loss_fn, run.eval_data)
-    print(f"task {config.task}: {sum(p.numel() for p in run.model.parameters()):,} parameters, "
-          f"{len(run.train_data):,} training / {len(run.eval_data):,} validation examples, "
-          f"{trainer.precision.name} on {trainer.precision.device}")
+    main_rank, world = trainer.dist.is_main, trainer.dist.world_size
+    if main_rank:
+        ranks = f", {config.train.parallel} on {world} ranks" if config.train.parallel != "none" else ""
+        print(f"task {config.task}: {n_params:,} parameters, "
+              f"{len(run.train_data):,} training / {len(run.eval_data):,} validation examples, "
+              f"{trainer.precision.name} on {trainer.precision.device}{ranks}")
     history = trainer.fit(resume_from=args.resume)
     final = history.eval[-1] if history.eval else trainer.evaluate()
-    print(json.dumps({"step": trainer.step, "val_loss": round(final["val_loss"], 4), "val_ppl": round(final["val_ppl"], 2)}))
+    if main_rank:
+        print(json.dumps({"step": trainer.step, "val_loss": round(final["val_loss"], 4),
+                          "val_ppl": round(final["val_ppl"], 2)}))
     if args.export is not None:
-        info = {"val_loss": final["val_loss"], "steps": trainer.step, "tokens": trainer.tokens,
-                "config_file": args.config.as_posix(), "data": asdict(config.data),
-                "eval_batch_size": config.train.batch_size, "eval_batches": config.train.eval_batches,
-                "seed": config.train.seed}
-        paths = export_pretrained(args.export, trainer.model.cpu(), run.tokenizer, config.task, run.model_fields, info)
-        if args.update_manifest:
-            _record(paths, config)
-        print(f"exported to {args.export}")
+        weights = model_state(trainer.module)  # full weights, gathered from every rank under FSDP
+        if main_rank:
+            model = build_model(config.task, run.model_fields)
+            load_weights(model, weights)
+            info = {"val_loss": final["val_loss"], "steps": trainer.step, "tokens": trainer.tokens,
+                    "config_file": args.config.as_posix(), "data": asdict(config.data),
+                    "eval_batch_size": config.train.batch_size * world, "eval_batches": config.train.eval_batches,
+                    "seed": config.train.seed}
+            paths = export_pretrained(args.export, model, run.tokenizer, config.task, run.model_fields, info)
+            if args.update_manifest:
+                _record(paths, config)
+            print(f"exported to {args.export}")
     return 0
 
 

@@ -5,22 +5,27 @@ One optimizer step = ``grad_accum_steps`` micro-batches, each loss divided by th
 warmup + cosine learning rate of :mod:`.optim`. The data order is a pure function of ``(seed, epoch)``, and a
 checkpoint stores the step, the optimizer, the RNG states and the history, so a resumed run continues with
 exactly the batches, dropout masks and updates the uninterrupted run would have had.
-Precision (device, autocast, GradScaler) comes from :func:`companion.runtime.choose_precision`.
+Precision (device, autocast, GradScaler) comes from :func:`companion.runtime.choose_precision`. Under ``torchrun``
+with ``parallel="ddp"``/``"fsdp"`` (:mod:`.distributed`) each rank takes its slice of every global micro-batch of
+``batch_size * world_size`` rows; only rank 0 prints and writes. ``activation_checkpointing`` recomputes each
+Transformer block in ``backward``; ``compile`` runs the model through ``torch.compile``.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from companion.runtime import choose_precision
-from companion.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from companion.runtime import Precision, choose_precision
+from companion.training import distributed
+from companion.training.checkpoint import (CheckpointError, load_optimizer, load_weights, read_checkpoint,
+                                           rng_state, save_checkpoint, set_rng_state)
 from companion.training.metrics import History, ProgressBar, plot_history
 from companion.training.optim import OptimizerConfig, build_optimizer, lr_at, set_lr
 
@@ -52,7 +57,10 @@ class TrainConfig:
     seed: int = 0  # data order (and evaluation masks)
     device: str | None = None  # "cpu", "cuda"… (None: the best available)
     precision: str | None = None  # "fp32", "bf16", "fp16" (None: chosen for the device)
-    progress: bool = True  # draw a progress bar on stdout
+    progress: bool = True  # draw a progress bar on stdout (rank 0 only)
+    parallel: str = "none"  # "none", "ddp" (DistributedDataParallel) or "fsdp" (FSDP2 fully_shard); needs torchrun
+    activation_checkpointing: bool = False  # recompute each Transformer block in backward instead of storing it
+    compile: bool = False  # torch.compile the model
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "batch_size", "grad_accum_steps", "keep_checkpoints"):
@@ -65,6 +73,8 @@ class TrainConfig:
             raise ValueError(f"max_grad_norm must be positive or None, got {self.max_grad_norm!r}")
         if self.patience is not None and self.patience < 1:
             raise ValueError(f"patience must be a positive int or None, got {self.patience!r}")
+        if self.parallel not in distributed.PARALLEL:
+            raise ValueError(f"parallel must be one of {distributed.PARALLEL}, got {self.parallel!r}")
         self.optimizer()  # validates lr, min_lr, warmup, betas
 
     def optimizer(self) -> OptimizerConfig:
@@ -74,7 +84,7 @@ class TrainConfig:
 
 
 # fields whose change would break an exact resume (they decide which examples form each step)
-_RESUME_KEYS = ("batch_size", "grad_accum_steps", "seed")
+_RESUME_KEYS = ("grad_accum_steps", "seed")  # and the global batch, batch_size * world_size
 
 
 class Trainer:
@@ -82,36 +92,63 @@ class Trainer:
 
     ``train_data``/``eval_data``: anything with ``len`` and integer indexing returning one example (a list, a
     ``datasets.Dataset``); ``collate_fn`` turns a list of examples into a dict of tensors; ``loss_fn(model,
-    batch)`` returns the mean loss of the batch.
+    batch)`` returns the mean loss of the batch. ``precision`` overrides :func:`companion.runtime.choose_precision`
+    (e.g. fp16 with a GradScaler on the CPU, to test overflow handling); ``scaler_init`` is the GradScaler's first scale.
+
+    ``module`` is the model itself (its weights are what checkpoints hold); ``model`` is what the loop calls: the same
+    object, its DDP wrapper, or the ``torch.compile`` of either.
     """
 
     def __init__(self, model: nn.Module, config: TrainConfig, train_data: Sequence, collate_fn: Callable,
-                 loss_fn: LossFn, eval_data: Sequence | None = None) -> None:
-        if len(train_data) < config.batch_size:
-            raise ValueError(f"train_data has {len(train_data)} examples, fewer than batch_size={config.batch_size}")
+                 loss_fn: LossFn, eval_data: Sequence | None = None, precision: Precision | None = None,
+                 scaler_init: float = 2.0**16) -> None:
         self.config, self.train_data, self.eval_data = config, train_data, eval_data
         self.collate_fn, self.loss_fn = collate_fn, loss_fn
-        self.precision = choose_precision(config.device, config.precision)
-        self.model = model.to(self.precision.device)
-        self.optimizer = build_optimizer(self.model, config.optimizer())
-        self.scaler = torch.amp.GradScaler(self.precision.device.type, enabled=self.precision.grad_scaler)
+        precision = precision or choose_precision(config.device, config.precision)
+        self.dist = distributed.init_distributed(config.parallel, precision.device)
+        self.precision = self.dist.place(precision)
+        if len(train_data) < config.batch_size * self.dist.world_size:
+            raise ValueError(f"train_data has {len(train_data)} examples, fewer than batch_size={config.batch_size}"
+                             f" x world_size={self.dist.world_size}")
+        self.module = model.to(self.precision.device)
+        if config.activation_checkpointing:
+            distributed.checkpoint_activations(self.module)
+        self.model = distributed.wrap_model(self.module, self.dist)  # FSDP shards self.module in place
+        if config.compile:
+            self.model = torch.compile(self.model)
+        self.optimizer = build_optimizer(self.module, config.optimizer())
+        self.scaler = self._grad_scaler(scaler_init)
+        if self.dist.world_size > 1:  # same initial weights everywhere, different dropout masks on each rank
+            torch.manual_seed(config.seed * 100_003 + 7919 * self.dist.rank + 1)
         self.step = 0  # optimizer steps taken
         self.tokens = 0  # input tokens seen
         self.history = History()
         self.best_val_loss, self.bad_evals = math.inf, 0  # early-stopping state
 
     # ------------------------------------------------------------------ data
+    def _grad_scaler(self, init_scale: float) -> torch.amp.GradScaler:
+        enabled = self.precision.grad_scaler
+        if enabled and self.dist.parallel == "fsdp":  # each rank sees only its shard: found-inf is all-reduced
+            from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+            return ShardedGradScaler(self.precision.device.type, init_scale=init_scale)
+        return torch.amp.GradScaler(self.precision.device.type, init_scale=init_scale, enabled=enabled)
+
+    # ------------------------------------------------------------------ data
     def micro_batches(self, start: int = 0) -> Iterator[dict[str, torch.Tensor]]:
-        """Micro-batches from number ``start`` on: epoch ``e`` visits the data in ``randperm`` order seeded by
-        ``(seed, e)``; the last incomplete batch of an epoch is dropped, so every batch has the same size."""
-        B = self.config.batch_size
-        per_epoch = len(self.train_data) // B
+        """This rank's micro-batches from number ``start`` on: epoch ``e`` visits the data in ``randperm`` order
+        seeded by ``(seed, e)``, cut into global micro-batches of ``batch_size * world_size`` rows, of which rank ``r``
+        takes rows ``[r * batch_size, (r + 1) * batch_size)``; the last incomplete global batch of an epoch is
+        dropped, so no example is seen twice in an epoch and the ranks together see what one process would."""
+        B, W, r = self.config.batch_size, self.dist.world_size, self.dist.rank
+        per_epoch = len(self.train_data) // (B * W)
         epoch, i = divmod(start, per_epoch)
         while True:
             g = torch.Generator().manual_seed(self.config.seed * 100_003 + epoch)
             order = torch.randperm(len(self.train_data), generator=g).tolist()
             for j in range(i, per_epoch):
-                yield self._to_device(self.collate_fn([self.train_data[k] for k in order[j * B:(j + 1) * B]]))
+                rows = order[j * B * W + r * B:j * B * W + (r + 1) * B]
+                yield self._to_device(self.collate_fn([self.train_data[k] for k in rows]))
             epoch, i = epoch + 1, 0
 
     def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -123,22 +160,31 @@ class Trainer:
         self.model.train()
         lr = lr_at(self.step, self.config.optimizer())
         set_lr(self.optimizer, lr)
-        total = 0.0
-        for batch in batches:
-            with self.precision.autocast():
-                loss = self.loss_fn(self.model, batch)
-            self.scaler.scale(loss / len(batches)).backward()  # gradients add up over micro-batches
-            total += loss.item()
-            self.tokens += int(batch["input_ids"].numel()) if "input_ids" in batch else 0
+        total, tokens = self.backward(batches)
         self.scaler.unscale_(self.optimizer)  # true gradients before clipping (no-op without a scaler)
         max_norm = self.config.max_grad_norm or math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        # the global norm: DDP gradients are already averaged; FSDP2 DTensor gradients reduce their shards' norms
+        grad_norm = distributed.full_tensor(torch.nn.utils.clip_grad_norm_(self.module.parameters(), max_norm))
         self.scaler.step(self.optimizer)  # skips the update if fp16 gradients overflowed
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return {"step": self.step, "loss": total / len(batches), "lr": lr, "grad_norm": float(grad_norm),
-                "tokens": self.tokens}
+        self.tokens += tokens
+        return {"step": self.step, "loss": total, "lr": lr, "grad_norm": float(grad_norm), "tokens": self.tokens}
+
+    def backward(self, batches: Sequence[dict[str, torch.Tensor]]) -> tuple[float, int]:
+        """Accumulate the (scaled) gradient of the step's mean loss into ``.grad``; return the loss averaged over
+        micro-batches and ranks, and the input tokens all ranks saw. DDP all-reduces on the last micro-batch only."""
+        total, tokens = 0.0, 0
+        for i, batch in enumerate(batches):
+            with distributed.no_sync(self.model, sync=i == len(batches) - 1):
+                with self.precision.autocast():
+                    loss = self.loss_fn(self.model, batch)
+                self.scaler.scale(loss / len(batches)).backward()  # gradients add up over micro-batches
+            total += loss.item()
+            tokens += int(batch["input_ids"].numel()) if "input_ids" in batch else 0
+        total, tokens = self.dist.sum([total, float(tokens)], self.precision.device)
+        return total / (len(batches) * self.dist.world_size), int(tokens)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -150,7 +196,8 @@ class Trainer:
         if not self.eval_data:
             raise ValueError("evaluate() needs eval_data")
         self.model.eval()
-        B, n_batches = self.config.batch_size, math.ceil(len(self.eval_data) / self.config.batch_size)
+        B = self.config.batch_size * self.dist.world_size  # every rank evaluates the global batches, all of them
+        n_batches = math.ceil(len(self.eval_data) / B)
         if self.config.eval_batches is not None:
             n_batches = min(n_batches, self.config.eval_batches)
         total, count = 0.0, 0
@@ -173,7 +220,7 @@ class Trainer:
             self.load(resume_from)
         stop_at = cfg.max_steps if until is None else min(until, cfg.max_steps)
         batches = self.micro_batches(start=self.step * cfg.grad_accum_steps)
-        bar = ProgressBar(cfg.max_steps, self.step, enabled=cfg.progress)
+        bar = ProgressBar(cfg.max_steps, self.step, enabled=cfg.progress and self.dist.is_main)
         stopped_early = False
         while self.step < stop_at and not stopped_early:
             record = self.train_step([next(batches) for _ in range(cfg.grad_accum_steps)])
@@ -181,7 +228,7 @@ class Trainer:
             bar.update(self.step, loss=record["loss"], lr=record["lr"])
             last = self.step == cfg.max_steps
             if self.eval_data and ((cfg.eval_every and self.step % cfg.eval_every == 0) or last):
-                result = self.evaluate()
+                result = self.evaluate()  # every rank evaluates all of eval_data (FSDP needs all ranks in forward)
                 self.history.eval.append(result)
                 bar.write(f"step {self.step}: val_loss {result['val_loss']:.4f}, ppl {result['val_ppl']:.2f}")
                 stopped_early = self._early_stop(result["val_loss"])
@@ -190,8 +237,9 @@ class Trainer:
         bar.close()
         if cfg.out_dir:
             self.save()
-            self.history.save(Path(cfg.out_dir) / "metrics.json")
-            self.save_loss_curve(Path(cfg.out_dir) / "loss_curve.png")
+            if self.dist.is_main:
+                self.history.save(Path(cfg.out_dir) / "metrics.json")
+                self.save_loss_curve(Path(cfg.out_dir) / "loss_curve.png")
         return self.history
 
     def save_loss_curve(self, path: Path) -> None:
@@ -216,22 +264,44 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, run_dir: str | Path | None = None) -> Path:
-        """Checkpoint into ``run_dir`` (default ``config.out_dir``); see :mod:`.checkpoint`."""
+        """Checkpoint into ``run_dir`` (default ``config.out_dir``); see :mod:`.checkpoint`. Call it on every rank:
+        the full weights and optimizer state are gathered (FSDP), every rank's RNG state too; rank 0 writes."""
         run_dir = run_dir or self.config.out_dir
         if run_dir is None:
             raise ValueError("save() needs a run directory: pass one or set TrainConfig.out_dir")
-        extra = {"config": asdict(self.config), "history": self.history.to_dict(), "tokens": self.tokens,
-                 "scaler": self.scaler.state_dict(), "early_stopping": (self.best_val_loss, self.bad_evals)}
-        return save_checkpoint(run_dir, self.model, self.optimizer, self.step, extra, keep=self.config.keep_checkpoints)
+        weights = distributed.model_state(self.module)
+        optimizer = distributed.optimizer_state(self.module, self.optimizer)
+        rngs = self.dist.gather(rng_state())
+        final = Path(run_dir) / f"step-{self.step:08d}"
+        if self.dist.is_main:
+            extra = {"config": asdict(self.config), "history": self.history.to_dict(), "tokens": self.tokens,
+                     "scaler": self.scaler.state_dict(), "early_stopping": (self.best_val_loss, self.bad_evals),
+                     "world_size": self.dist.world_size, "rank_rng": rngs}
+            final = save_checkpoint(run_dir, weights, optimizer, self.step, extra, keep=self.config.keep_checkpoints)
+        if self.dist.world_size > 1:
+            torch.distributed.barrier()  # nobody reads the checkpoint before it is complete
+        return final
 
     def load(self, path: str | Path) -> None:
-        """Restore model, optimizer, scaler, RNG, step, history from a checkpoint (directory or run directory)."""
-        state = load_checkpoint(path, self.model, self.optimizer, map_location=self.precision.device)
-        saved = state["config"]
+        """Restore model, optimizer, scaler, RNG, step, history from a checkpoint (directory or run directory),
+        whatever number of ranks wrote it, as long as the global batch is the same."""
+        tensors, state = read_checkpoint(path, map_location="cpu")
+        saved, world = state["config"], self.dist.world_size
         changed = [f"{k}: {saved[k]!r} in the checkpoint, {getattr(self.config, k)!r} now"
                    for k in _RESUME_KEYS if saved.get(k) != getattr(self.config, k)]
+        before = saved["batch_size"] * state.get("world_size", 1)
+        if before != self.config.batch_size * world:
+            changed.insert(0, f"batch_size: {saved['batch_size']!r} in the checkpoint, {self.config.batch_size!r} now"
+                           f" (global batch {before} vs {self.config.batch_size * world})")
         if changed:
             raise CheckpointError(f"cannot resume exactly from {path}: " + "; ".join(changed))
+        if self.dist.parallel == "fsdp":
+            distributed.load_model_state(self.module, tensors)
+        else:
+            load_weights(self.module, tensors, source=state["path"])
+        load_optimizer(self.module, self.optimizer, state["optimizer"])
+        rngs = state.get("rank_rng")
+        set_rng_state(rngs[self.dist.rank] if rngs and len(rngs) == world else state["rng"])
         self.step, self.tokens = state["step"], state["tokens"]
         self.history = History.from_dict(state["history"])
         self.best_val_loss, self.bad_evals = state["early_stopping"]

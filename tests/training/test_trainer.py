@@ -46,7 +46,7 @@ def make(config: TrainConfig, model_seed: int = 0, dropout: float = 0.1) -> Trai
 
 
 BASE = TrainConfig(max_steps=10, batch_size=4, lr=3e-2, warmup_steps=2, min_lr=3e-3, eval_every=5,
-                   progress=False, device="cpu")
+                   progress=False, device="cpu", precision="fp32")
 
 
 def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path):
