@@ -14,7 +14,8 @@ TINY = {
     "task": "causal_lm",
     "model": {"n_layers": 1, "d_model": 16, "n_heads": 2},
     "data": {"max_chars": 300, "block_size": 16, "max_train_documents": 60, "max_eval_documents": 10},
-    "train": {"max_steps": 3, "batch_size": 4, "lr": 1e-2, "eval_batches": 2, "progress": False, "device": "cpu"},
+    "train": {"max_steps": 3, "batch_size": 4, "lr": 1e-2, "eval_batches": 2, "progress": False, "device": "cpu",
+              "precision": "fp32"},
 }
 
 
@@ -89,6 +90,7 @@ def _usage_error(capsys, argv) -> str:
     (["--precision", "fp64"], "argument --precision: invalid choice: 'fp64'"),
     (["--device", "tpu"], "argument --device: must be cpu, mps, cuda or cuda:N, got 'tpu'"),
     (["--resume", "no/such/run"], "argument --resume: no such file or directory: 'no/such/run'"),
+    (["--parallel", "zero3"], "argument --parallel: invalid choice: 'zero3'"),
 ])
 def test_bad_flags_end_with_a_usage_error(tmp_path, capsys, flags, message):
     config = [] if not flags else ["--config", str(write(tmp_path, TINY))]
@@ -123,3 +125,32 @@ def test_enumerated_flags_have_choices():
     train = parser._subparsers._group_actions[0].choices["train"]
     precision = next(a for a in train._actions if "--precision" in a.option_strings)
     assert tuple(precision.choices) == ("fp32", "bf16", "fp16")
+    parallel = next(a for a in train._actions if "--parallel" in a.option_strings)
+    assert tuple(parallel.choices) == ("none", "ddp", "fsdp")
+
+
+def test_parallel_and_switches_map_onto_the_config(tmp_path, monkeypatch):
+    path = str(write(tmp_path, TINY))
+    config = configure(build_parser().parse_args(["train", "--config", path]))
+    assert (config.train.parallel, config.train.activation_checkpointing, config.train.compile) == ("none", False, False)
+    args = build_parser().parse_args(["train", "--config", path, "--parallel", "fsdp", "--activation-checkpointing",
+                                      "--compile"])
+    config = configure(args)
+    assert (config.train.parallel, config.train.activation_checkpointing, config.train.compile) == ("fsdp", True, True)
+
+
+def test_parallel_outside_torchrun_ends_with_a_usage_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    line = _usage_error(capsys, ["train", "--config", str(write(tmp_path, TINY)), "--parallel", "ddp"])
+    assert "--parallel ddp needs torchrun: torchrun --nproc_per_node=N -m companion train" in line
+
+
+def test_the_fsdp_config_is_tang_gpt_split_over_two_ranks():
+    from dataclasses import asdict
+
+    one, fsdp = RunConfig.from_json("configs/tang_gpt.json"), RunConfig.from_json("configs/tang_gpt_fsdp.json")
+    assert (fsdp.train.parallel, fsdp.train.activation_checkpointing) == ("fsdp", True)
+    assert fsdp.train.batch_size * 2 == one.train.batch_size  # 2 ranks: the same global batch
+    differ = {k for k, v in asdict(fsdp.train).items() if asdict(one.train)[k] != v}
+    assert differ == {"batch_size", "parallel", "activation_checkpointing"}
+    assert (fsdp.model, fsdp.data) == (one.model, one.data)

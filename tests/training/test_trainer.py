@@ -173,3 +173,51 @@ def test_config_errors():
         TrainConfig(max_steps=10, warmup_steps=20)
     with pytest.raises(ValueError, match="fewer than batch_size=64"):
         Trainer(TinyLM(), TrainConfig(batch_size=64), data(), CausalLMCollator(), lm_loss)
+
+
+def test_fp16_overflow_skips_the_step_and_halves_the_scale():
+    """fp16 autocast with a GradScaler (on the CPU through an explicit Precision; choose_precision refuses fp16 there):
+    with a first scale of 2**24 the scaled fp16 gradients overflow, so GradScaler skips the update (weights and
+    AdamW moments unchanged) and halves the scale, step after step, until the gradients fit and training starts."""
+    import copy
+
+    from companion.runtime import Precision
+
+    fp16 = Precision(torch.device("cpu"), torch.float16, grad_scaler=True)
+    trainer = Trainer(TinyLM(dropout=0.0), replace(BASE, eval_every=0), data(), CausalLMCollator(), lm_loss,
+                      precision=fp16, scaler_init=2.0**24)
+    batches = trainer.micro_batches()
+    before = copy.deepcopy(trainer.model.state_dict())
+    record = trainer.train_step([next(batches)])
+    assert not math.isfinite(record["grad_norm"])  # the unscaled gradient holds inf/nan
+    assert trainer.scaler.get_scale() == 2.0**23
+    assert all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
+    assert trainer.optimizer.state_dict()["state"] == {}  # AdamW never stepped: no moments, no step count
+    scales = [trainer.scaler.get_scale()]
+    while not math.isfinite(trainer.train_step([next(batches)])["grad_norm"]):
+        scales.append(trainer.scaler.get_scale())
+        assert all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
+    assert scales == [2.0**(23 - i) for i in range(len(scales))] and trainer.scaler.get_scale() == scales[-1]
+    assert not torch.equal(before["mix.weight"], trainer.model.mix.weight)  # the first finite step updates
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    # without a scaler, the same overflowing gradient would have been applied: nan weights
+    plain = make(replace(BASE, eval_every=0), dropout=0.0)
+    (plain.loss_fn(plain.model, next(plain.micro_batches())) * math.inf).backward()
+    plain.optimizer.step()
+    assert not torch.isfinite(plain.model.mix.weight).all()
+
+
+@pytest.mark.slow
+def test_compile_gives_the_same_losses():
+    config = replace(BASE, max_steps=3, eval_every=0)
+    eager, compiled = make(config, dropout=0.0), make(replace(config, compile=True), dropout=0.0)
+    eager.eval_data = compiled.eval_data = None
+    assert type(compiled.model).__name__ == "OptimizedModule" and compiled.module is not compiled.model
+    assert compiled.fit().losses() == pytest.approx(eager.fit().losses(), rel=1e-5, abs=1e-6)
+    for p, q in zip(eager.module.parameters(), compiled.module.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+
+
+def test_new_config_fields_are_validated():
+    with pytest.raises(ValueError, match="parallel must be one of \\('none', 'ddp', 'fsdp'\\), got 'zero3'"):
+        TrainConfig(parallel="zero3")
