@@ -190,6 +190,8 @@ def main() -> None:
         ratio = statistics.median(a / b for a, b in zip(rates["ours", p], values)) if ("ours", p) in rates else math.nan
         print(f"{name:<13} {p:<9} {tps:9,.0f} {100 * mfu(tps, per_token, peak['fp32']):16.1f}%"
               f" {100 * mfu(tps, per_token, peak[p]):11.1f}%  {ratio:11.2f}")
+    if hasattr(os, "getloadavg"):
+        print(f"load average after the timed rounds {os.getloadavg()[0]:.1f} ({os.cpu_count()} CPUs)")
     if "bf16" in precisions:
         for name in args.models:
             speedup = statistics.median(b / a for a, b in zip(rates[name, "fp32"], rates[name, "bf16"]))
