@@ -93,7 +93,7 @@ class Trainer:
     ``train_data``/``eval_data``: anything with ``len`` and integer indexing returning one example (a list, a
     ``datasets.Dataset``); ``collate_fn`` turns a list of examples into a dict of tensors; ``loss_fn(model,
     batch)`` returns the mean loss of the batch. ``precision`` overrides :func:`companion.runtime.choose_precision`
-    (e.g. fp16 with a GradScaler on the CPU, to test overflow handling); ``scaler_init`` is the GradScaler's first scale.
+    (e.g. fp16 with a GradScaler on the CPU, to test overflow handling); ``scaler_init``: the GradScaler's first scale.
 
     ``module`` is the model itself (its weights are what checkpoints hold); ``model`` is what the loop calls: the same
     object, its DDP wrapper, or the ``torch.compile`` of either.
@@ -125,7 +125,6 @@ class Trainer:
         self.history = History()
         self.best_val_loss, self.bad_evals = math.inf, 0  # early-stopping state
 
-    # ------------------------------------------------------------------ data
     def _grad_scaler(self, init_scale: float) -> torch.amp.GradScaler:
         enabled = self.precision.grad_scaler
         if enabled and self.dist.parallel == "fsdp":  # each rank sees only its shard: found-inf is all-reduced

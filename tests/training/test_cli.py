@@ -132,7 +132,8 @@ def test_enumerated_flags_have_choices():
 def test_parallel_and_switches_map_onto_the_config(tmp_path, monkeypatch):
     path = str(write(tmp_path, TINY))
     config = configure(build_parser().parse_args(["train", "--config", path]))
-    assert (config.train.parallel, config.train.activation_checkpointing, config.train.compile) == ("none", False, False)
+    train = config.train
+    assert (train.parallel, train.activation_checkpointing, train.compile) == ("none", False, False)
     args = build_parser().parse_args(["train", "--config", path, "--parallel", "fsdp", "--activation-checkpointing",
                                       "--compile"])
     config = configure(args)
