@@ -1,5 +1,5 @@
 """Training: AdamW with parameter groups and the warmup + cosine schedule (:mod:`.optim`), atomic and exactly
-resumable checkpoints (:mod:`.checkpoint`), memory accounting (:mod:`.memory`), metrics and the loss curve (:mod:`.metrics`), and the loop
+resumable checkpoints (:mod:`.checkpoint`), memory accounting (:mod:`.memory`), DDP/FSDP2 and activation checkpointing (:mod:`.distributed`), metrics and the loss curve (:mod:`.metrics`), and the loop
 (:mod:`.trainer`)."""
 
 from companion.training.checkpoint import (
@@ -7,6 +7,12 @@ from companion.training.checkpoint import (
     load_checkpoint,
     load_weights,
     save_checkpoint,
+)
+from companion.training.distributed import (
+    DistContext,
+    checkpoint_activations,
+    init_distributed,
+    wrap_model,
 )
 from companion.training.memory import (
     MemoryEstimate,
@@ -30,6 +36,7 @@ from companion.training.trainer import Trainer, TrainConfig
 
 __all__ = [
     "CheckpointError",
+    "DistContext",
     "History",
     "MemoryEstimate",
     "OptimizerConfig",
@@ -39,8 +46,10 @@ __all__ = [
     "activation_bytes",
     "adamw_step",
     "build_optimizer",
+    "checkpoint_activations",
     "estimate_memory",
     "format_gib",
+    "init_distributed",
     "load_checkpoint",
     "load_weights",
     "lr_at",
@@ -51,4 +60,5 @@ __all__ = [
     "save_checkpoint",
     "set_lr",
     "split_decay",
+    "wrap_model",
 ]
