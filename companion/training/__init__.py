@@ -1,5 +1,5 @@
 """Training: AdamW with parameter groups and the warmup + cosine schedule (:mod:`.optim`), atomic and exactly
-resumable checkpoints (:mod:`.checkpoint`), memory accounting (:mod:`.memory`), DDP/FSDP2 and activation checkpointing (:mod:`.distributed`), metrics and the loss curve (:mod:`.metrics`), and the loop
+resumable checkpoints (:mod:`.checkpoint`), memory accounting (:mod:`.memory`), DDP/FSDP2 and activation checkpointing (:mod:`.distributed`), throughput and MFU (:mod:`.throughput`), metrics and the loss curve (:mod:`.metrics`), and the loop
 (:mod:`.trainer`)."""
 
 from companion.training.checkpoint import (
@@ -32,11 +32,20 @@ from companion.training.optim import (
     set_lr,
     split_decay,
 )
+from companion.training.throughput import (
+    GPU_PEAK_FLOPS,
+    gpu_model,
+    gpu_peak_flops,
+    measure_matmul_peak,
+    measure_throughput,
+    mfu,
+)
 from companion.training.trainer import Trainer, TrainConfig
 
 __all__ = [
     "CheckpointError",
     "DistContext",
+    "GPU_PEAK_FLOPS",
     "History",
     "MemoryEstimate",
     "OptimizerConfig",
@@ -49,11 +58,16 @@ __all__ = [
     "checkpoint_activations",
     "estimate_memory",
     "format_gib",
+    "gpu_model",
+    "gpu_peak_flops",
     "init_distributed",
     "load_checkpoint",
     "load_weights",
     "lr_at",
+    "measure_matmul_peak",
+    "measure_throughput",
     "memory_table",
+    "mfu",
     "param_groups",
     "plot_history",
     "published_configs",
