@@ -73,7 +73,7 @@ def _open(browser, url):
 
     page.route("**/*", route)
     page.on("requestfailed", lambda req: failed.append(req.url))
-    page.goto(url, wait_until="networkidle")
+    page.goto(url, wait_until="networkidle", timeout=120_000)  # generous: CI shares 2 cores with other work
     return page, outside, failed
 
 
