@@ -28,6 +28,8 @@ from companion.models.llama import Llama, LlamaConfig
 from companion.models.t5 import T5, T5Config
 from companion.nn.positional import RopeScaling
 
+HF_CONFIG, HF_WEIGHTS = "config.json", "model.safetensors"  # file names of a transformers checkpoint directory
+
 Tensors = list[torch.Tensor]
 
 
@@ -343,13 +345,13 @@ def config_to_hf(model: nn.Module) -> dict:
 def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
     """All tensors of a checkpoint directory: model.safetensors, or the shards named in model.safetensors.index.json."""
     path = Path(path)
-    index = path / "model.safetensors.index.json"
+    index = path / f"{HF_WEIGHTS}.index.json"
     if index.exists():
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         return {k: v for shard in shards for k, v in load_file(path / shard).items()}
-    if not (path / "model.safetensors").exists():
-        raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {str(path)!r}")
-    return load_file(path / "model.safetensors")
+    if not (path / HF_WEIGHTS).exists():
+        raise FileNotFoundError(f"no {HF_WEIGHTS} or {HF_WEIGHTS}.index.json in {str(path)!r}")
+    return load_file(path / HF_WEIGHTS)
 
 
 def from_pretrained(path: str | Path) -> nn.Module:
@@ -358,7 +360,7 @@ def from_pretrained(path: str | Path) -> nn.Module:
     BERT checkpoints with `cls.*` heads become `BertForPreTraining`, others (e.g. sentence encoders) `Bert`.
     """
     path = Path(path)
-    hf = json.loads((path / "config.json").read_text())
+    hf = json.loads((path / HF_CONFIG).read_text())
     config = config_from_hf(hf)
     theirs = read_safetensors(path)
     if isinstance(config, GPTConfig):
@@ -376,6 +378,6 @@ def save_pretrained(model: nn.Module, path: str | Path) -> Path:
     """Write config.json and model.safetensors that `transformers.AutoModel*.from_pretrained(path)` loads."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    (path / "config.json").write_text(json.dumps(config_to_hf(model), indent=2))
-    save_file(to_hf_state_dict(model), path / "model.safetensors", metadata={"format": "pt"})
+    (path / HF_CONFIG).write_text(json.dumps(config_to_hf(model), indent=2))
+    save_file(to_hf_state_dict(model), path / HF_WEIGHTS, metadata={"format": "pt"})
     return path
