@@ -87,6 +87,7 @@ class Precision:
 
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISIONS = tuple(_DTYPES)  # the names choose_precision(prefer=...) accepts
 CUDA_BF16_CAPABILITY = (8, 0)  # Ampere: the first NVIDIA GPUs whose tensor cores compute in bfloat16
 _CPU_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})  # x86 AVX512-BF16, AMX-BF16; ARM FEAT_BF16 ("bf16")
 

@@ -18,8 +18,8 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from companion.errors import UsageError
+from companion.runtime import PRECISIONS
 
-PRECISIONS = ("fp32", "bf16", "fp16")  # what companion.runtime.choose_precision accepts
 PARALLEL = ("none", "ddp", "fsdp")  # what companion.training.distributed accepts (TrainConfig.parallel)
 _DEVICE = re.compile(r"(cpu|mps|cuda(:\d+)?)")  # the device types companion.runtime.choose_device picks from
 

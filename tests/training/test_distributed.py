@@ -11,9 +11,6 @@ comparison would fail on it (Adam alone would hide the factor: its update is nea
 import itertools
 import json
 import math
-import os
-import signal
-import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -21,13 +18,15 @@ from pathlib import Path
 import pytest
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from torchrun import run_torchrun  # noqa: E402
+
 from companion.models import GPT, GPTConfig
 from companion.objectives import causal_lm_loss
 from companion.pipeline import CausalLMCollator
 from companion.training import TrainConfig, Trainer
 from companion.training.distributed import DistContext, checkpoint_activations, full_tensor, transformer_blocks
 
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 MODEL = GPTConfig(vocab_size=32, n_ctx=16, n_layers=2, d_model=32, n_heads=4, dropout=0.0)
 GLOBAL_BATCH, WORLD = 8, 2
 BASE = TrainConfig(max_steps=4, batch_size=GLOBAL_BATCH, grad_accum_steps=2, lr=1e-2, warmup_steps=0,
@@ -97,21 +96,6 @@ def worker(parallel: str, out: Path) -> None:
                                                    max_diff(before, after), type(fp16.scaler).__name__))
     if trainer.dist.is_main:
         torch.save(result, out / "result.pt")
-
-
-def run_torchrun(args: list[str], cwd: Path, timeout: int = 120) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
-    # a session of its own, so that a hung rendezvous is killed with all of torchrun's workers, not only torchrun
-    with subprocess.Popen([*TORCHRUN, *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True, start_new_session=True) as proc:
-        try:
-            stdout, stderr = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            stdout, stderr = proc.communicate()
-            pytest.fail(f"torchrun {' '.join(args)} did not finish within {timeout} s: {stderr[-3000:]}")
-    assert proc.returncode == 0, stderr[-3000:]
-    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
 @pytest.fixture(scope="module")

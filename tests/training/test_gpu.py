@@ -12,14 +12,15 @@ from __future__ import annotations
 import gc
 import math
 import os
-import signal
-import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from torchrun import run_torchrun  # noqa: E402
 
 from companion.models import GPT, GPTConfig
 from companion.objectives import causal_lm_loss
@@ -221,7 +222,6 @@ def test_memory_estimate_matches_the_cuda_allocator(precision):
 
 
 # ----------------------------------------------------------------------------- (d) NCCL DDP and FSDP
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
 PER_RANK = 4  # rows per rank per micro-batch; one process takes PER_RANK * world_size
 DIST_TOL = 1e-4
 DIST_BASE = replace(BASE, max_steps=4, grad_accum_steps=2, max_grad_norm=0.5)
@@ -245,21 +245,6 @@ def worker(parallel: str, out: Path) -> None:
     dist.destroy_process_group()
 
 
-def run_torchrun(args: list[str], cwd: Path, timeout: int = 120) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
-    # a session of its own, so that a hung rendezvous is killed with all of torchrun's workers, not only torchrun
-    with subprocess.Popen([*TORCHRUN, *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True, start_new_session=True) as proc:
-        try:
-            stdout, stderr = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            stdout, stderr = proc.communicate()
-            pytest.fail(f"torchrun {' '.join(args)} did not finish within {timeout} s: {stderr[-3000:]}")
-    assert proc.returncode == 0, stderr[-3000:]
-    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
-
-
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_nccl_data_parallel_matches_one_process(parallel, tmp_path):
     """All GPUs present, one rank each, NCCL: 4 fp32 steps (2 accumulated micro-batches of PER_RANK rows per rank,
@@ -269,7 +254,7 @@ def test_nccl_data_parallel_matches_one_process(parallel, tmp_path):
     world = torch.cuda.device_count()
     if world < 2:
         pytest.skip(f"needs at least 2 GPUs, found {world}")
-    run_torchrun([f"--nproc_per_node={world}", __file__, parallel, str(tmp_path)], cwd=tmp_path)
+    run_torchrun([__file__, parallel, str(tmp_path)], cwd=tmp_path, nproc=world)
     result = torch.load(tmp_path / "result.pt", weights_only=False)
     assert result["backend"] == "nccl" and result["world_size"] == world
     assert result["devices"] == [f"cuda:{r}" for r in range(world)]  # one GPU per rank
