@@ -25,6 +25,7 @@ from companion.runtime import (
     set_deterministic,
     set_threads,
     setup_notebook,
+    show_source,
 )
 
 # name -> module that defines it
@@ -81,6 +82,7 @@ __all__ = [
     "set_deterministic",
     "set_threads",
     "setup_notebook",
+    "show_source",
     *_LAZY,
 ]
 

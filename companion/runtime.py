@@ -175,6 +175,24 @@ def setup_notebook(seed: int = DEFAULT_SEED, threads: int = DEFAULT_THREADS) -> 
     use_book_style()
 
 
+def show_source(obj: object) -> object:
+    """The package's own source of a function, method or class, for a notebook cell to display.
+
+    Book pages include the code they explain from the package (never a hand copy), so page and package cannot
+    drift apart. Returns an IPython ``Code`` object: highlighted in HTML, the plain source as text.
+    """
+    import inspect
+    import textwrap
+
+    from IPython.display import Code
+
+    try:
+        source = inspect.getsource(obj)
+    except (TypeError, OSError) as error:
+        raise TypeError(f"show_source needs a Python function, method or class, got {obj!r}: {error}") from None
+    return Code(textwrap.dedent(source), language="python")
+
+
 def environment_report() -> dict[str, str]:
     """Versions and hardware facts worth printing at the top of a run."""
     device = choose_device()

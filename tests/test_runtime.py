@@ -1,4 +1,6 @@
+import inspect
 import random
+import textwrap
 
 import numpy as np
 import pytest
@@ -200,3 +202,14 @@ def test_environment_report_has_versions():
     report = companion.environment_report()
     assert report["torch"] == torch.__version__
     assert report["device"] in {"cpu", "cuda", "mps"}
+
+
+def test_show_source_is_the_package_source():
+    from companion.nn.attention import MultiHeadAttention
+
+    code = companion.show_source(MultiHeadAttention.forward)
+    text = repr(code)
+    assert text.startswith("def forward(")  # a method's indentation is removed
+    assert text == textwrap.dedent(inspect.getsource(MultiHeadAttention.forward))
+    with pytest.raises(TypeError, match="show_source needs"):
+        companion.show_source(3)
