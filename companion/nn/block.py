@@ -101,8 +101,8 @@ class TransformerBlock(nn.Module):
     context: (B, S, kv_dim) and context_mask broadcasting to (B, H, T, S) for cross-attention.
     """
 
-    def __init__(self, config: BlockConfig) -> None:
-        super().__init__()
+    def __init__(self, config: BlockConfig, ffn: nn.Module | None = None) -> None:
+        super().__init__()  # ffn: a module to use as the feed-forward branch (e.g. `companion.nn.moe.MoE`)
         self.config = config
         c = config.d_model
         self.norm1 = make_norm(config.norm, c, eps=config.norm_eps, bias=config.bias)
@@ -111,7 +111,8 @@ class TransformerBlock(nn.Module):
             self.norm_cross = make_norm(config.norm, c, eps=config.norm_eps, bias=config.bias)
             self.cross_attn = MultiHeadAttention(config.attention(cross=True))
         self.norm2 = make_norm(config.norm, c, eps=config.norm_eps, bias=config.bias)
-        self.ffn = FeedForward(c, config.ffn_hidden, kind=config.ffn, bias=config.bias, dropout=config.dropout)
+        self.ffn = ffn if ffn is not None else FeedForward(c, config.ffn_hidden, kind=config.ffn, bias=config.bias,
+                                                           dropout=config.dropout)
         self.dropout = nn.Dropout(config.dropout)
 
     def _residual(
