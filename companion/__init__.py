@@ -42,7 +42,8 @@ _LAZY = {
     # attention and Transformer blocks
     **dict.fromkeys(["MultiHeadAttention", "AttentionConfig", "TransformerBlock", "BlockConfig",
                      "scaled_dot_product_attention", "KVCache", "LayerNorm", "RMSNorm", "FeedForward",
-                     "RotaryEmbedding", "RopeScaling", "causal_mask", "padding_mask"], "companion.nn"),
+                     "RotaryEmbedding", "RopeScaling", "causal_mask", "padding_mask", "tiled_attention",
+                     "online_logsumexp"], "companion.nn"),
     # model families, counting, Hugging Face interop
     **dict.fromkeys(["GPT", "GPTConfig", "Llama", "LlamaConfig", "Bert", "BertConfig", "BertForPreTraining", "T5",
                      "T5Config", "count_parameters", "greedy_generate", "mean_pool"], "companion.models"),

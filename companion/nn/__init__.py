@@ -16,6 +16,7 @@ from companion.nn.attention import (
     to_additive,
 )
 from companion.nn.block import BlockConfig, TransformerBlock
+from companion.nn.flash import count_blocks, online_logsumexp, online_softmax, tiled_attention
 from companion.nn.layers import FeedForward, LayerNorm, RMSNorm, make_norm, swiglu_hidden
 from companion.nn.positional import (
     LearnedPositionalEmbedding,
@@ -53,4 +54,9 @@ __all__ = [
     "sinusoidal_positions",
     "swiglu_hidden",
     "to_additive",
+    # online softmax and tiled (FlashAttention-style) attention
+    "count_blocks",
+    "online_logsumexp",
+    "online_softmax",
+    "tiled_attention",
 ]

@@ -1,0 +1,154 @@
+"""Online softmax and tiled exact attention (the FlashAttention forward pass), in plain PyTorch for reading.
+
+Milakov & Gimelshein (2018): a running maximum and a rescaled running sum give softmax's normaliser in one pass over
+the scores. Dao et al. (2022, FlashAttention) and Dao (2023, FlashAttention-2) apply it to attention: blocks of
+queries (outer loop) meet blocks of keys (inner loop); each query row keeps its running max m, running sum l and an
+unnormalised output accumulator, rescaled whenever m grows, divided by l once at the end; key blocks that a causal
+mask hides entirely are skipped. The result is exact attention (the math path up to rounding) and the memory it needs
+beyond Q, K, V and the output grows like T, not T^2. On a GPU a block lives in on-chip SRAM; here every block is an
+ordinary PyTorch op, so on a CPU this version is slower than the math path: it is meant to be read and tested.
+Gradients flow through the loop by autograd (which keeps every block, O(T^2)); the real kernels instead recompute
+the blocks in the backward pass from the saved log-sum-exp.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from einops import repeat
+
+
+def _check_block(name: str, size: int) -> None:
+    if not isinstance(size, int) or size < 1:
+        raise ValueError(f"{name} must be a positive int, got {size!r}")
+
+
+def _finite_or_zero(m: torch.Tensor) -> torch.Tensor:
+    """The shift used inside exp(): the running max, or 0 where it is still -inf (no key seen yet), so that
+    exp(-inf - shift) = 0 instead of exp(-inf + inf) = NaN."""
+    return torch.where(torch.isneginf(m), torch.zeros_like(m), m)
+
+
+def online_logsumexp(x: torch.Tensor, block_size: int) -> torch.Tensor:
+    """log(sum(exp(x))) over the last dim, reading ``x`` in blocks of ``block_size`` with a running max and sum.
+
+    x: (..., S) -> (...,). Equal to ``torch.logsumexp(x, dim=-1)`` up to rounding; -inf for a row that is all -inf.
+    After each block, ``m`` is the largest score seen so far and ``l = sum(exp(x_j - m))`` over the scores seen so
+    far; when a block raises the maximum, the old sum is rescaled by exp(m_old - m_new).
+    """
+    _check_block("block_size", block_size)
+    m = torch.full(x.shape[:-1], float("-inf"), dtype=x.dtype, device=x.device)  # (...,) running max
+    l = torch.zeros(x.shape[:-1], dtype=x.dtype, device=x.device)  # (...,) running sum of exp(x - m)
+    for j in range(0, x.shape[-1], block_size):
+        block = x[..., j : j + block_size]  # (..., b)
+        m_new = torch.maximum(m, block.amax(dim=-1))
+        shift = _finite_or_zero(m_new)
+        l = l * torch.exp(m - shift) + torch.exp(block - shift[..., None]).sum(dim=-1)
+        m = m_new
+    return m + torch.log(l)  # (...,); m = -inf and l = 0 give -inf
+
+
+def online_softmax(x: torch.Tensor, block_size: int) -> torch.Tensor:
+    """softmax over the last dim from the streamed log-sum-exp: exp(x - lse). Rows that are all -inf give 0."""
+    lse = online_logsumexp(x, block_size)  # (...,)
+    return torch.exp(x - _finite_or_zero(lse)[..., None])  # (..., S)
+
+
+def _key_block_starts(i0: int, i1: int, s: int, offset: int, block_k: int, is_causal: bool) -> range:
+    """Starts of the key blocks that query rows i0..i1-1 must visit. Under a causal mask (bottom-right aligned:
+    query row i sits at absolute position offset + i) a key block is skipped when all its keys lie in the future
+    of the last row, i.e. when it starts after offset + i1 - 1."""
+    end = min(s, offset + i1) if is_causal else s
+    return range(0, end, block_k)
+
+
+def count_blocks(t: int, s: int, block_q: int, block_k: int, is_causal: bool = False) -> tuple[int, int]:
+    """(blocks visited, blocks in the full grid) by `tiled_attention` for T queries and S keys."""
+    _check_block("block_q", block_q)
+    _check_block("block_k", block_k)
+    offset = s - t
+    visited = sum(len(_key_block_starts(i0, min(i0 + block_q, t), s, offset, block_k, is_causal))
+                  for i0 in range(0, t, block_q))
+    return visited, math.ceil(t / block_q) * math.ceil(s / block_k)
+
+
+def tiled_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    is_causal: bool = False,
+    scale: float | None = None,
+    block_q: int = 64,
+    block_k: int = 64,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Exact softmax(Q K^T * scale + mask) V, computed block by block without forming the (T, S) score matrix.
+
+    q: (B, H, T, D); k: (B, G, S, D); v: (B, G, S, Dv) with G dividing H (grouped-query attention as in
+    `scaled_dot_product_attention`). ``mask`` broadcasts to (B, H, T, S): bool (True = attend) or float (added to the
+    scores). ``is_causal`` is bottom-right aligned (see `causal_mask`) and may be combined with ``mask``. Block sizes
+    need not divide T or S. Rows with no key to attend to give zero output and a log-sum-exp of -inf, as in the math
+    path. No dropout. Returns (B, H, T, Dv), and with ``return_lse`` also the (B, H, T) log-sum-exp of the scaled,
+    masked scores (what a FlashAttention kernel keeps for the backward pass).
+    """
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        shapes = f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        raise ValueError(f"q, k, v must be 4-D (B, H, T, D), got shapes {shapes}")
+    b, h, t, d = q.shape
+    g, s, dv = k.shape[1], k.shape[2], v.shape[3]
+    if k.shape[0] != b or v.shape[0] != b or v.shape[1] != g or v.shape[2] != s or k.shape[3] != d:
+        raise ValueError(f"incompatible q, k, v shapes {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if h % g != 0:
+        raise ValueError(f"number of query heads must be a multiple of key/value heads, got H={h} and G={g}")
+    _check_block("block_q", block_q)
+    _check_block("block_k", block_k)
+    if is_causal and s < t:
+        raise ValueError(f"a causal mask needs S >= T keys, got T={t} and S={s}")
+    if mask is not None:
+        try:
+            mask = mask.expand(b, h, t, s)  # a view: nothing of size (T, S) is allocated by this
+        except RuntimeError:
+            raise ValueError(f"mask of shape {tuple(mask.shape)} does not broadcast to (B, H, T, S) = "
+                             f"{(b, h, t, s)}") from None
+    if g != h:  # each key/value head serves H // G query heads
+        k = repeat(k, "b g s d -> b (g r) s d", r=h // g)  # (B, H, S, D)
+        v = repeat(v, "b g s d -> b (g r) s d", r=h // g)  # (B, H, S, Dv)
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    offset = s - t  # query row i sits at absolute position offset + i
+    neg_inf = float("-inf")
+
+    outs, lses = [], []
+    for i0 in range(0, t, block_q):
+        i1 = min(i0 + block_q, t)
+        qi = q[:, :, i0:i1]  # (B, H, bq, D)
+        m = q.new_full((b, h, i1 - i0), neg_inf)  # (B, H, bq) running max of the scores
+        l = q.new_zeros((b, h, i1 - i0))  # (B, H, bq) running sum of exp(score - m)
+        acc = q.new_zeros((b, h, i1 - i0, dv))  # (B, H, bq, Dv) running sum of exp(score - m) * v
+        for j0 in _key_block_starts(i0, i1, s, offset, block_k, is_causal):
+            j1 = min(j0 + block_k, s)
+            scores = (qi @ k[:, :, j0:j1].transpose(-2, -1)) * scale  # (B, H, bq, bk)
+            if is_causal and j1 - 1 > offset + i0:  # the block crosses the diagonal: mask its future keys
+                rows = torch.arange(i0, i1, device=q.device)[:, None] + offset  # (bq, 1)
+                cols = torch.arange(j0, j1, device=q.device)[None, :]  # (1, bk)
+                scores = scores.masked_fill(cols > rows, neg_inf)
+            if mask is not None:
+                block_mask = mask[:, :, i0:i1, j0:j1]  # (B, H, bq, bk)
+                if block_mask.dtype == torch.bool:
+                    scores = scores.masked_fill(~block_mask, neg_inf)
+                else:
+                    scores = scores + block_mask
+            m_new = torch.maximum(m, scores.amax(dim=-1))  # (B, H, bq)
+            shift = _finite_or_zero(m_new)
+            p = torch.exp(scores - shift[..., None])  # (B, H, bq, bk) unnormalised weights
+            alpha = torch.exp(m - shift)  # (B, H, bq) rescales what was summed under the old max
+            l = l * alpha + p.sum(dim=-1)
+            acc = acc * alpha[..., None] + p @ v[:, :, j0:j1]  # (B, H, bq, Dv)
+            m = m_new
+        seen = l > 0  # False only for rows whose keys are all masked
+        outs.append(acc / torch.where(seen, l, torch.ones_like(l))[..., None])  # (B, H, bq, Dv); 0 where unseen
+        lses.append(torch.where(seen, m + torch.log(torch.where(seen, l, torch.ones_like(l))), neg_inf))
+    out = torch.cat(outs, dim=2)  # (B, H, T, Dv)
+    return (out, torch.cat(lses, dim=2)) if return_lse else out
