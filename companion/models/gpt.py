@@ -3,6 +3,7 @@
 Radford et al. (2019), "Language Models are Unsupervised Multitask Learners": learned absolute positions, pre-norm
 LayerNorm blocks, a GELU (tanh approximation) MLP of width 4C, a final LayerNorm and an output head tied to the token
 embedding. Layout follows nanoGPT; weights load from Hugging Face `GPT2LMHeadModel` through `companion.models.hf`.
+With ``moe`` set, every block's MLP is a mixture of SwiGLU experts (`companion.nn.moe.MoE`; not a GPT-2 checkpoint).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from companion.models.base import init_weights, start_position
 from companion.nn.attention import Backend, KVCacheLike
 from companion.nn.block import BlockConfig, TransformerBlock
 from companion.nn.layers import FFNKind, LayerNorm
+from companion.nn.moe import MoE, MoEConfig
 from companion.nn.positional import LearnedPositionalEmbedding
 
 
@@ -36,12 +38,15 @@ class GPTConfig:
     dropout: float = 0.0  # embedding, attention and residual dropout (GPT-2 trained with 0.1)
     tie_embeddings: bool = True  # output head shares the token embedding matrix
     backend: Backend = "torch"  # attention kernel
+    moe: MoEConfig | None = None  # mixture-of-experts FFN in every block instead of the dense MLP (None: dense)
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "n_ctx", "n_layers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
         self.block()  # validates d_model, n_heads, d_ff, ffn, dropout
+        if self.moe is not None and not isinstance(self.moe, MoEConfig):
+            raise TypeError(f"moe must be a MoEConfig or None, got {type(self.moe).__name__}")
 
     def block(self) -> BlockConfig:
         return BlockConfig.gpt2(self.d_model, self.n_heads, d_ff=self.d_ff, ffn=self.ffn, norm_eps=self.norm_eps,
@@ -78,16 +83,20 @@ class GPT(nn.Module):
         self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
         self.pos_emb = LearnedPositionalEmbedding(config.d_model, config.n_ctx)
         self.drop = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList(TransformerBlock(config.block()) for _ in range(config.n_layers))
+        self.blocks = nn.ModuleList(TransformerBlock(config.block(), ffn=self._moe()) for _ in range(config.n_layers))
         self.norm = LayerNorm(config.d_model, eps=config.norm_eps)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.apply(init_weights)
         nn.init.normal_(self.pos_emb.weight, std=0.01)  # GPT-2's initialiser for the position table
         for block in self.blocks:  # GPT-2: residual projections scaled by 1/sqrt(2 * n_layers)
-            for linear in (block.self_attn.out_proj, block.ffn.down):
+            ffns = [block.ffn] if config.moe is None else [*block.ffn.experts, *block.ffn.shared]
+            for linear in (block.self_attn.out_proj, *(f.down for f in ffns)):
                 nn.init.normal_(linear.weight, std=0.02 / (2 * config.n_layers) ** 0.5)
         if config.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
+
+    def _moe(self) -> MoE | None:
+        return None if self.config.moe is None else MoE(self.config.d_model, self.config.moe)
 
     def forward(self, idx: torch.Tensor, kv_caches: Sequence[KVCacheLike] | None = None) -> torch.Tensor:
         offset = start_position(idx, kv_caches, self.config.n_ctx)

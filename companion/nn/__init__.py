@@ -18,6 +18,8 @@ from companion.nn.attention import (
 from companion.nn.block import BlockConfig, TransformerBlock
 from companion.nn.flash import count_blocks, online_logsumexp, online_softmax, tiled_attention
 from companion.nn.layers import FeedForward, LayerNorm, RMSNorm, make_norm, swiglu_hidden
+from companion.nn.moe import (MoE, MoEConfig, expert_counts, load_balancing_loss, record_router_logits, router_probs,
+                              router_z_loss)
 from companion.nn.positional import (
     LearnedPositionalEmbedding,
     RopeScaling,
@@ -59,4 +61,12 @@ __all__ = [
     "online_logsumexp",
     "online_softmax",
     "tiled_attention",
+    # mixture of experts
+    "MoE",
+    "MoEConfig",
+    "expert_counts",
+    "load_balancing_loss",
+    "record_router_logits",
+    "router_probs",
+    "router_z_loss",
 ]
