@@ -16,7 +16,7 @@ from companion.nn.attention import (
     to_additive,
 )
 from companion.nn.block import BlockConfig, TransformerBlock
-from companion.nn.flash import count_blocks, online_logsumexp, online_softmax, tiled_attention
+from companion.nn.flash import count_blocks, online_logsumexp, online_softmax, peak_tensor_bytes, tiled_attention
 from companion.nn.layers import FeedForward, LayerNorm, RMSNorm, make_norm, swiglu_hidden
 from companion.nn.moe import (MoE, MoEConfig, expert_counts, load_balancing_loss, record_router_logits, router_probs,
                               router_z_loss)
@@ -60,6 +60,7 @@ __all__ = [
     "count_blocks",
     "online_logsumexp",
     "online_softmax",
+    "peak_tensor_bytes",
     "tiled_attention",
     # mixture of experts
     "MoE",

@@ -14,9 +14,14 @@ the blocks in the backward pass from the saved log-sum-exp.
 from __future__ import annotations
 
 import math
+import weakref
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from einops import repeat
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 
 def _check_block(name: str, size: int) -> None:
@@ -152,3 +157,50 @@ def tiled_attention(
         lses.append(torch.where(seen, m + torch.log(torch.where(seen, l, torch.ones_like(l))), neg_inf))
     out = torch.cat(outs, dim=2)  # (B, H, T, Dv)
     return (out, torch.cat(lses, dim=2)) if return_lse else out
+
+
+class _LiveTensorBytes(TorchDispatchMode):
+    """Counts the storage bytes of every tensor an operation creates while they are alive; keeps the peak."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = self.peak = 0
+        self.owners: dict[int, int] = {}  # storage address -> live tensors that view it
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 (torch's signature)
+        out = func(*args, **(kwargs or {}))
+        for leaf in tree_leaves(out):
+            if isinstance(leaf, torch.Tensor):
+                self._track(leaf)
+        return out
+
+    def _track(self, tensor: torch.Tensor) -> None:
+        storage = tensor.untyped_storage()
+        address, nbytes = storage.data_ptr(), storage.nbytes()
+        if address == 0:  # empty tensor
+            return
+        if address not in self.owners:
+            self.owners[address] = 0
+            self.live += nbytes
+            self.peak = max(self.peak, self.live)
+        self.owners[address] += 1
+        weakref.finalize(tensor, self._release, address, nbytes)
+
+    def _release(self, address: int, nbytes: int) -> None:
+        self.owners[address] -= 1
+        if self.owners[address] == 0:
+            del self.owners[address]
+            self.live -= nbytes
+
+
+def peak_tensor_bytes(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[Any, int]:
+    """Run ``fn(*args, **kwargs)`` and return (its result, the peak bytes of the tensors it created alive at once).
+
+    Counts every tensor that a PyTorch operation returns inside ``fn`` (views share their storage's count), from
+    creation until Python frees it; the inputs are not counted, the result is (it is alive at the end). The count
+    is the same on every CPU, unlike an allocator's statistics, but it does not see scratch buffers a fused
+    kernel allocates internally (for a FlashAttention kernel: per-thread blocks, independent of T).
+    """
+    with _LiveTensorBytes() as meter:
+        result = fn(*args, **kwargs)
+    return result, meter.peak

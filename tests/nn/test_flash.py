@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from companion.nn import causal_mask, padding_mask, scaled_dot_product_attention
-from companion.nn.flash import count_blocks, online_logsumexp, online_softmax, tiled_attention
+from companion.nn.flash import count_blocks, online_logsumexp, online_softmax, peak_tensor_bytes, tiled_attention
 
 F64 = dict(rtol=1e-12, atol=1e-12)
 F32 = dict(rtol=1e-5, atol=1e-5)
@@ -124,3 +124,32 @@ def test_bad_arguments_name_the_values():
         tiled_attention(q, k[:, :, :2], v[:, :, :2], is_causal=True)
     with pytest.raises(ValueError, match="block_size must be a positive int"):
         online_logsumexp(q, 0)
+
+
+def test_peak_tensor_bytes_counts_what_is_alive_at_once():
+    x = torch.ones(1000, dtype=torch.float32)
+    _, one = peak_tensor_bytes(lambda t: t * 2, x)
+    assert one == 4000  # the result only; the input is not counted
+    _, two = peak_tensor_bytes(lambda t: (t * 2) * 3, x)
+    assert two == 8000  # the temporary t * 2 is alive while (t * 2) * 3 is computed, then freed
+    _, views = peak_tensor_bytes(lambda t: (t * 2).view(10, 100).t(), x)
+    assert views == 4000  # views share one storage
+
+
+def test_memory_of_the_math_path_is_quadratic_and_of_the_tiled_path_linear():
+    def peak(fn, t):
+        q, k, v = qkv(1, 2, t, t, 16, dtype=torch.float32)
+        with torch.no_grad():
+            return peak_tensor_bytes(fn, q, k, v)[1]
+
+    def math_path(q, k, v):
+        return scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    def tiled(q, k, v):
+        return tiled_attention(q, k, v, is_causal=True, block_q=32, block_k=32)
+
+    for t in (256, 512):
+        assert 3.5 < peak(math_path, 2 * t) / peak(math_path, t) < 4.1
+        assert peak(tiled, 2 * t) / peak(tiled, t) < 2.1
+    # the (B, H, T, T) scores alone: 2 * 512 * 512 * 4 bytes
+    assert peak(math_path, 512) > 2 * 512 * 512 * 4 > 5 * peak(tiled, 512)
