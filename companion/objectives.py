@@ -1,4 +1,4 @@
-"""Pretraining objectives: the causal LM loss (GPT, Radford et al., 2018), BERT's masked LM with the 80/10/10
+"""Pretraining objectives: the causal LM loss (GPT, Radford et al., 2018) with an optional z-loss (PaLM), BERT's masked LM with the 80/10/10
 rule and next-sentence prediction (Devlin et al., 2019).
 
 Design choices: losses take logits and labels (no model inside), labels use ``IGNORE_INDEX`` = -100 for
@@ -49,18 +49,43 @@ def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX,
-                   reduction: str = "mean") -> torch.Tensor:
+                   reduction: str = "mean", z_loss: float = 0.0) -> torch.Tensor:
     """Next-token loss: position t predicts label t+1 (labels are the unshifted input ids, as in
     Hugging Face's ``*ForCausalLM``; padding already set to ``ignore_index``).
 
     logits: (B, T, V); labels: (B, T). The last position has no target and the first label is never predicted.
+    ``z_loss`` > 0 adds ``z_loss * mean(logsumexp(logits)^2)`` over the counted positions (a sum with
+    ``reduction="sum"``): the z-loss of PaLM (Chowdhery et al., 2022), which keeps the softmax normaliser
+    near 1 so that large logits do not drift (see :func:`z_loss_term`). 0 (the default) adds nothing.
     """
     _check_logits_labels(logits, labels)
     if logits.dim() != 3:
         raise ValueError(f"causal_lm_loss expects logits (B, T, V), got shape {tuple(logits.shape)}")
     if logits.shape[1] < 2:
         raise ValueError(f"need at least 2 positions to predict a next token, got T={logits.shape[1]}")
-    return token_cross_entropy(logits[:, :-1], labels[:, 1:], ignore_index, reduction)  # (B, T-1, V) vs (B, T-1)
+    loss = token_cross_entropy(logits[:, :-1], labels[:, 1:], ignore_index, reduction)  # (B, T-1, V) vs (B, T-1)
+    if z_loss:
+        loss = loss + z_loss * z_loss_term(logits[:, :-1], labels[:, 1:], ignore_index, reduction)
+    return loss
+
+
+def z_loss_term(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX,
+                reduction: str = "mean") -> torch.Tensor:
+    """``mean(log Z^2)`` (or the sum) over the positions whose label is not ``ignore_index``, where
+    ``log Z = logsumexp(logits, -1)`` is the log of the softmax normaliser. logits (..., V), labels (...).
+
+    Cross-entropy does not change when a constant is added to all logits of a position; this term fixes that
+    freedom at log Z = 0. Computed in at least float32, like :func:`token_cross_entropy`.
+    """
+    _check_logits_labels(logits, labels)
+    if not (isinstance(reduction, str) and reduction in ("mean", "sum")):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    counted = labels != ignore_index  # (...)
+    if reduction == "mean" and not bool(counted.any()):
+        raise ValueError(f"every label equals ignore_index={ignore_index}: the mean z-loss is undefined")
+    log_z = torch.logsumexp(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)  # (...)
+    squares = log_z.square()[counted]  # (N,)
+    return squares.mean() if reduction == "mean" else squares.sum()
 
 
 # ----------------------------------------------------------------------------------------- masked LM

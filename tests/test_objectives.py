@@ -18,6 +18,7 @@ from companion.objectives import (
     mask_tokens,
     masked_lm_loss,
     nsp_pairs,
+    z_loss_term,
 )
 from companion.pipeline import MaskedLMCollator
 
@@ -184,3 +185,49 @@ def test_bert_pretraining_loss_matches_transformers():
     torch.testing.assert_close(ours, out.loss, rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="must be given together"):
         bert_pretraining_loss(out.prediction_logits, labels, out.seq_relationship_logits)
+
+
+# ----------------------------------------------------------------------------------------- z-loss
+def test_z_loss_is_coefficient_times_mean_logsumexp_squared():
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(2, 6, 9, generator=g, dtype=torch.float64) * 3
+    labels = torch.randint(9, (2, 6), generator=g)
+    labels[0, 4:] = IGNORE_INDEX
+    counted = [(b, t) for b in range(2) for t in range(5) if labels[b, t + 1] != IGNORE_INDEX]
+    z2 = torch.stack([torch.log(torch.exp(logits[b, t]).sum()) ** 2 for b, t in counted])  # direct, no logsumexp
+    ce = causal_lm_loss(logits, labels)
+    torch.testing.assert_close(causal_lm_loss(logits, labels, z_loss=1e-2), ce + 1e-2 * z2.mean(), rtol=1e-12, atol=0)
+    torch.testing.assert_close(causal_lm_loss(logits, labels, reduction="sum", z_loss=0.5),
+                               causal_lm_loss(logits, labels, reduction="sum") + 0.5 * z2.sum(), rtol=1e-12, atol=0)
+    assert torch.equal(causal_lm_loss(logits, labels, z_loss=0.0), ce)  # off: exactly the plain loss
+
+
+def test_z_loss_gradient_is_2_coef_logz_softmax():
+    # d/dx [c * mean_i (log Z_i)^2] = (2c / N) * log Z_i * softmax(x_i) at each counted position i
+    g = torch.Generator().manual_seed(2)
+    logits = (torch.randn(1, 4, 5, generator=g, dtype=torch.float64) + 2).requires_grad_()
+    labels = torch.randint(5, (1, 4), generator=g)
+    c = 0.1
+    (causal_lm_loss(logits, labels, z_loss=c) - causal_lm_loss(logits, labels)).backward()
+    x = logits.detach()[0, :-1]  # (3, 5): the positions that predict a label
+    expected = 2 * c / 3 * torch.logsumexp(x, -1, keepdim=True) * torch.softmax(x, -1)
+    torch.testing.assert_close(logits.grad[0, :-1], expected, rtol=1e-10, atol=1e-12)
+    assert torch.equal(logits.grad[0, -1], torch.zeros(5, dtype=torch.float64))  # the last position is not counted
+    assert torch.autograd.gradcheck(lambda z: z_loss_term(z, labels[:, 1:]), (logits.detach()[:, :-1].clone()
+                                                                               .requires_grad_(),))
+
+
+def test_z_loss_pulls_log_z_to_zero():
+    # shifting every logit of a position by a constant leaves cross-entropy unchanged but not the z-loss
+    logits = torch.randn(1, 3, 4, dtype=torch.float64)
+    labels = torch.tensor([[0, 1, 2]])
+    shifted = logits + 5.0
+    torch.testing.assert_close(causal_lm_loss(shifted, labels), causal_lm_loss(logits, labels))
+    assert z_loss_term(shifted[:, :-1], labels[:, 1:]) > z_loss_term(logits[:, :-1], labels[:, 1:])
+
+
+def test_z_loss_errors():
+    with pytest.raises(ValueError, match="every label equals ignore_index"):
+        z_loss_term(torch.zeros(1, 3, 5), torch.full((1, 3), IGNORE_INDEX))
+    with pytest.raises(ValueError, match="reduction must be 'mean' or 'sum', got 'max'"):
+        z_loss_term(torch.zeros(1, 3, 5), torch.zeros(1, 3, dtype=torch.long), reduction="max")

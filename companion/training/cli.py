@@ -20,6 +20,7 @@ from pathlib import Path
 from companion.errors import UsageError
 from companion.runtime import PRECISIONS
 
+SCHEDULES = ("cosine", "wsd")  # what companion.training.optim.lr_at accepts (TrainConfig.schedule)
 PARALLEL = ("none", "ddp", "fsdp")  # what companion.training.distributed accepts (TrainConfig.parallel)
 _DEVICE = re.compile(r"(cpu|mps|cuda(:\d+)?)")  # the device types companion.runtime.choose_device picks from
 
@@ -46,6 +47,16 @@ def positive_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text!r}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
     return value
 
 
@@ -83,6 +94,8 @@ _OVERRIDES = {
     "--grad-accum-steps": ("grad_accum_steps", positive_int, "micro-batches accumulated per optimizer step"),
     "--lr": ("lr", positive_float, "peak learning rate (after warm-up)"),
     "--warmup-steps": ("warmup_steps", non_negative_int, "linear warm-up steps"),
+    "--schedule": ("schedule", str, "learning-rate schedule after the warm-up: cosine or wsd (warmup-stable-decay)"),
+    "--z-loss": ("z_loss", non_negative_float, "z-loss coefficient of a causal LM (0: off)"),
     "--eval-every": ("eval_every", non_negative_int, "evaluate every N steps (0: only at the end)"),
     "--checkpoint-every": ("checkpoint_every", non_negative_int, "save a checkpoint every N steps (0: only at the end)"),
     "--seed": ("seed", non_negative_int, "seed of the data order, model initialisation and masks"),
@@ -92,7 +105,7 @@ _OVERRIDES = {
     "--parallel": ("parallel", str, "data parallelism under torchrun: none, ddp (DistributedDataParallel) or fsdp "
                    "(FSDP2 fully_shard per block)"),
 }
-_CHOICES = {"--precision": PRECISIONS, "--parallel": PARALLEL}
+_CHOICES = {"--precision": PRECISIONS, "--parallel": PARALLEL, "--schedule": SCHEDULES}
 # switch -> (TrainConfig field set to True, help)
 _SWITCHES = {
     "--activation-checkpointing": ("activation_checkpointing", "recompute each Transformer block in backward "

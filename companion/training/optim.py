@@ -1,5 +1,7 @@
-"""AdamW (Loshchilov & Hutter, 2019) with parameter groups, and the warmup + cosine learning-rate schedule
-(Loshchilov & Hutter, 2017; as used by GPT-3 and LLaMA).
+"""AdamW (Loshchilov & Hutter, 2019) with parameter groups, and two learning-rate schedules: warmup + cosine
+(Loshchilov & Hutter, 2017; as used by GPT-3 and LLaMA) and warmup-stable-decay, "WSD" (MiniCPM, Hu et al., 2024;
+Hägele et al., 2024): a constant rate after the warm-up and a short linear decay at the end, so a run can be
+continued from any checkpoint of the stable phase and "cooled down" whenever a model is wanted.
 
 Weight decay pulls weights towards zero; it is applied to matrices of linear layers only. Biases and norm
 gains are not decayed (shrinking a LayerNorm gain to zero is not regularisation), nor, by default, embeddings
@@ -53,6 +55,9 @@ def param_groups(model: nn.Module, weight_decay: float, decay_embeddings: bool =
             {"params": [params[n] for n in no_decay], "weight_decay": 0.0, "names": no_decay}]
 
 
+SCHEDULES = ("cosine", "wsd")
+
+
 @dataclass(frozen=True)
 class OptimizerConfig:
     """AdamW hyper-parameters and the learning-rate schedule."""
@@ -65,8 +70,14 @@ class OptimizerConfig:
     betas: tuple[float, float] = (0.9, 0.95)  # Adam's moment decay rates (GPT-3, LLaMA)
     eps: float = 1e-8  # Adam's denominator guard
     decay_embeddings: bool = False  # also decay embedding tables
+    schedule: str = "cosine"  # "cosine" (warm-up + cosine) or "wsd" (warm-up, stable, linear decay)
+    decay_fraction: float = 0.2  # WSD only: the last round(decay_fraction * decay_steps) steps decay to min_lr
 
     def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if not 0 < self.decay_fraction <= 1:
+            raise ValueError(f"decay_fraction must be in (0, 1], got {self.decay_fraction!r}")
         if self.lr <= 0 or not 0 <= self.min_lr <= self.lr:
             raise ValueError(f"need lr > 0 and 0 <= min_lr <= lr, got lr={self.lr!r}, min_lr={self.min_lr!r}")
         if self.warmup_steps < 0 or self.decay_steps < 1 or self.warmup_steps > self.decay_steps:
@@ -74,15 +85,29 @@ class OptimizerConfig:
                              f"warmup_steps={self.warmup_steps!r}, decay_steps={self.decay_steps!r}")
         if not all(0 <= b < 1 for b in self.betas) or len(self.betas) != 2:
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
+        if self.schedule == "wsd" and self.decay_start() < self.warmup_steps:
+            raise ValueError(f"WSD: the decay (last {self.decay_length()} of {self.decay_steps} steps) would begin "
+                             f"before the warm-up ends (warmup_steps={self.warmup_steps!r}); lower decay_fraction "
+                             "or warmup_steps")
+
+    def decay_length(self) -> int:
+        """WSD: number of decay steps D = max(1, round(decay_fraction * decay_steps))."""
+        return max(1, round(self.decay_fraction * self.decay_steps))
+
+    def decay_start(self) -> int:
+        """WSD: first step of the decay, S - D."""
+        return self.decay_steps - self.decay_length()
 
 
 def lr_at(step: int, config: OptimizerConfig) -> float:
-    """Learning rate of optimizer step ``step`` (0-based): linear warm-up, then cosine decay to ``min_lr``.
+    """Learning rate of optimizer step ``step`` (0-based): linear warm-up, then the decay of ``config.schedule``.
 
     warm-up (step < W):  lr * step / W
-    decay (W <= step <= S):  min_lr + (lr - min_lr) * (1 + cos(pi * (step - W) / (S - W))) / 2
+    cosine (W <= step <= S):  min_lr + (lr - min_lr) * (1 + cos(pi * (step - W) / (S - W))) / 2
+    wsd: stable (W <= step < S - D):  lr;  decay (S - D <= step <= S):  min_lr + (lr - min_lr) * (S - step) / D
     after S:  min_lr
-    With ``min_lr = 0`` this is ``transformers.get_cosine_schedule_with_warmup``.
+    With ``min_lr = 0`` the cosine is ``transformers.get_cosine_schedule_with_warmup`` and the WSD decay is
+    ``transformers.get_wsd_schedule`` with a linear decay.
     """
     if step < 0:
         raise ValueError(f"step must be >= 0, got {step!r}")
@@ -91,6 +116,11 @@ def lr_at(step: int, config: OptimizerConfig) -> float:
         return config.lr * step / W
     if step >= S:
         return config.min_lr
+    if config.schedule == "wsd":
+        D = config.decay_length()
+        if step < S - D:
+            return config.lr
+        return config.min_lr + (config.lr - config.min_lr) * (S - step) / D
     progress = (step - W) / (S - W)
     return config.min_lr + (config.lr - config.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 

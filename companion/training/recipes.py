@@ -11,6 +11,7 @@ A finished run is exported as ``model.safetensors`` + ``tokenizer.json`` + ``con
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 from dataclasses import dataclass, field
@@ -82,8 +83,8 @@ def build_model(task: str, model_fields: dict[str, Any]) -> nn.Module:
 
 
 # ----------------------------------------------------------------------------------- losses and collators
-def causal_lm_step(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    return causal_lm_loss(model(batch["input_ids"]), batch["labels"])  # (B, T, V) vs (B, T)
+def causal_lm_step(model: nn.Module, batch: dict[str, torch.Tensor], z_loss: float = 0.0) -> torch.Tensor:
+    return causal_lm_loss(model(batch["input_ids"]), batch["labels"], z_loss=z_loss)  # (B, T, V) vs (B, T)
 
 
 def bert_step(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -147,6 +148,15 @@ def collator(task: str, tok: CharTokenizer, block_size: int):
 LOSSES = {"causal_lm": causal_lm_step, "bert": bert_step}
 
 
+def loss_function(task: str, z_loss: float = 0.0):
+    """The ``loss_fn(model, batch)`` of ``task``; ``z_loss`` > 0 (causal LM only) adds the z-loss."""
+    if not z_loss:
+        return LOSSES[task]
+    if task != "causal_lm":
+        raise ValueError(f"z_loss is implemented for task 'causal_lm' only, got task {task!r} with z_loss={z_loss!r}")
+    return functools.partial(causal_lm_step, z_loss=z_loss)
+
+
 def prepare(config: RunConfig) -> Prepared:
     """Corpus -> tokenizer -> examples -> model, as the config says (deterministic: no RNG but seeded ones)."""
     from companion.data import tang_poem_splits
@@ -164,7 +174,7 @@ def prepare(config: RunConfig) -> Prepared:
     model = build_model(config.task, fields)
     return Prepared(model, tok, examples(config.task, tok, train_texts, T, seed),
                     examples(config.task, tok, eval_texts, T, seed + 1), collator(config.task, tok, T),
-                    LOSSES[config.task], fields)
+                    loss_function(config.task, config.train.z_loss), fields)
 
 
 def validation_loss(model: nn.Module, tokenizer: CharTokenizer, card: dict[str, Any]) -> float:

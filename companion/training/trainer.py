@@ -2,7 +2,7 @@
 
 One optimizer step = ``grad_accum_steps`` micro-batches, each loss divided by that count before ``backward``
 (so the gradient is that of one batch ``grad_accum_steps`` times larger), then gradient clipping, AdamW, and the
-warmup + cosine learning rate of :mod:`.optim`. The data order is a pure function of ``(seed, epoch)``, and a
+warmup + cosine (or WSD) learning rate of :mod:`.optim`. The data order is a pure function of ``(seed, epoch)``, and a
 checkpoint stores the step, the optimizer, the RNG states and the history, so a resumed run continues with
 exactly the batches, dropout masks and updates the uninterrupted run would have had.
 Precision (device, autocast, GradScaler) comes from :func:`companion.runtime.choose_precision`. Under ``torchrun``
@@ -40,8 +40,11 @@ class TrainConfig:
     batch_size: int = 16  # examples per micro-batch
     grad_accum_steps: int = 1  # micro-batches per optimizer step (effective batch = batch_size * this)
     lr: float = 3e-4  # peak learning rate
-    min_lr: float = 0.0  # learning rate at the end of the cosine
+    min_lr: float = 0.0  # learning rate at the end of the decay
     warmup_steps: int = 0  # linear warm-up steps
+    schedule: str = "cosine"  # "cosine" or "wsd" (warmup-stable-decay; see companion.training.optim.lr_at)
+    decay_fraction: float = 0.2  # WSD: share of max_steps spent in the final linear decay
+    z_loss: float = 0.0  # coefficient of the z-loss added to a causal LM's loss (0: none; PaLM used 1e-4)
     weight_decay: float = 0.1  # AdamW decay on weight matrices (never on norms/biases; embeddings: see below)
     decay_embeddings: bool = False  # also decay embedding tables
     betas: tuple[float, float] = (0.9, 0.95)  # AdamW moment decay rates
@@ -73,6 +76,8 @@ class TrainConfig:
             raise ValueError(f"max_grad_norm must be positive or None, got {self.max_grad_norm!r}")
         if self.patience is not None and self.patience < 1:
             raise ValueError(f"patience must be a positive int or None, got {self.patience!r}")
+        if not (self.z_loss >= 0 and math.isfinite(self.z_loss)):
+            raise ValueError(f"z_loss must be a finite number >= 0, got {self.z_loss!r}")
         if self.parallel not in distributed.PARALLEL:
             raise ValueError(f"parallel must be one of {distributed.PARALLEL}, got {self.parallel!r}")
         self.optimizer()  # validates lr, min_lr, warmup, betas
@@ -80,7 +85,8 @@ class TrainConfig:
     def optimizer(self) -> OptimizerConfig:
         return OptimizerConfig(lr=self.lr, min_lr=self.min_lr, warmup_steps=self.warmup_steps,
                                decay_steps=self.max_steps, weight_decay=self.weight_decay, betas=tuple(self.betas),
-                               eps=self.eps, decay_embeddings=self.decay_embeddings)
+                               eps=self.eps, decay_embeddings=self.decay_embeddings, schedule=self.schedule,
+                               decay_fraction=self.decay_fraction)
 
 
 # fields whose change would break an exact resume (they decide which examples form each step)

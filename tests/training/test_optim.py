@@ -114,3 +114,48 @@ def test_config_errors():
         lr_at(-1, OptimizerConfig())
     with pytest.raises(ValueError, match="weight_decay must be >= 0, got -0.1"):
         param_groups(Tied(), -0.1)
+
+
+def test_wsd_values_match_the_formula():
+    # W = 10, S = 110, D = round(0.25 * 110) = 28: stable on [10, 82), linear decay on [82, 110]
+    c = OptimizerConfig(lr=1e-3, min_lr=1e-4, warmup_steps=10, decay_steps=110, schedule="wsd", decay_fraction=0.25)
+    assert (c.decay_length(), c.decay_start()) == (28, 82)
+    assert lr_at(0, c) == 0.0
+    assert lr_at(5, c) == pytest.approx(5e-4)  # the same warm-up as the cosine
+    assert lr_at(10, c) == lr_at(50, c) == lr_at(81, c) == 1e-3  # stable: exactly the peak
+    assert lr_at(82, c) == pytest.approx(1e-3)  # the decay starts from the peak ...
+    assert lr_at(96, c) == pytest.approx(1e-4 + 0.9e-3 * 14 / 28)  # ... half-way: (S - step) / D = 1/2
+    assert lr_at(109, c) == pytest.approx(1e-4 + 0.9e-3 / 28)
+    assert lr_at(110, c) == lr_at(500, c) == 1e-4
+    values = [lr_at(s, c) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_wsd_matches_transformers_wsd_with_linear_decay():
+    from transformers import get_wsd_schedule
+
+    c = OptimizerConfig(lr=2e-3, warmup_steps=7, decay_steps=50, schedule="wsd", decay_fraction=0.3)
+    D = c.decay_length()  # 15
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=2e-3)
+    sched = get_wsd_schedule(opt, num_warmup_steps=7, num_decay_steps=D, num_stable_steps=50 - 7 - D,
+                             decay_type="linear")
+    for step in range(60):
+        assert lr_at(step, c) == pytest.approx(opt.param_groups[0]["lr"], abs=1e-12), step
+        opt.step()
+        sched.step()
+
+
+def test_default_schedule_is_still_the_cosine():
+    assert OptimizerConfig().schedule == "cosine"
+    c, w = OptimizerConfig(lr=1.0, warmup_steps=3, decay_steps=20), OptimizerConfig(lr=1.0, warmup_steps=3,
+                                                                                     decay_steps=20, schedule="wsd")
+    assert lr_at(10, c) < 1.0 == lr_at(10, w)  # the two really differ in the middle
+
+
+def test_wsd_config_errors():
+    with pytest.raises(ValueError, match="schedule must be one of .*got 'linear'"):
+        OptimizerConfig(schedule="linear")
+    with pytest.raises(ValueError, match="decay_fraction must be in \\(0, 1\\], got 0"):
+        OptimizerConfig(schedule="wsd", decay_fraction=0)
+    with pytest.raises(ValueError, match="would begin before the warm-up ends"):
+        OptimizerConfig(warmup_steps=50, decay_steps=100, schedule="wsd", decay_fraction=0.6)
