@@ -46,7 +46,8 @@ _LAZY = {
                      "online_logsumexp"], "companion.nn"),
     # model families, counting, Hugging Face interop
     **dict.fromkeys(["GPT", "GPTConfig", "Llama", "LlamaConfig", "Bert", "BertConfig", "BertForPreTraining", "T5",
-                     "T5Config", "count_parameters", "greedy_generate", "mean_pool"], "companion.models"),
+                     "T5Config", "count_parameters", "greedy_generate", "mean_pool", "load_smollm2",
+                     "load_gguf_llama", "smollm2_available"], "companion.models"),
     # scaling arithmetic and count-based / neural language-model basics
     **dict.fromkeys(["flops_per_token", "training_flops", "chinchilla_optimal", "ChinchillaLaw",
                      "weight_memory_bytes"], "companion.scaling"),

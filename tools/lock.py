@@ -13,14 +13,24 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def nodeps() -> set[str]:
+    """Names in requirements-nodeps.txt: installed with --no-deps, so they stay out of the lock (a lock entry
+    would make `pip install -r requirements.lock` pull in their declared dependencies)."""
+    lines = (ROOT / "requirements-nodeps.txt").read_text(encoding="utf-8").splitlines()
+    return {line.split("==")[0].strip().lower() for line in lines if line.strip() and not line.startswith("#")}
+
+
 def frozen() -> list[str]:
     out = subprocess.run([sys.executable, "-m", "pip", "freeze", "--exclude-editable"], check=True,
                          capture_output=True, text=True).stdout
     pins = []
+    skip = nodeps()
     for line in out.splitlines():
         if not line or line.startswith("#") or " @ " in line or line.startswith("-e"):
             continue
         name, version = line.split("==")
+        if name.lower() in skip:
+            continue
         pins.append(f"{name}=={version.split('+')[0]}")  # torch 2.13.0+cpu -> torch==2.13.0
     return sorted(pins, key=str.lower)
 

@@ -43,11 +43,13 @@ def init_weights(module: nn.Module, std: float = 0.02) -> None:
 
 
 @torch.no_grad()
-def greedy_generate(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, *, use_cache: bool = True) -> torch.Tensor:
-    """Append ``max_new_tokens`` argmax tokens to idx (B, T) with a decoder-only model; returns (B, T + new).
+def greedy_generate(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, *, use_cache: bool = True,
+                    eos_id: int | None = None) -> torch.Tensor:
+    """Append up to ``max_new_tokens`` argmax tokens to idx (B, T) with a decoder-only model; returns (B, T + new).
 
     ``model(idx, kv_caches=...)`` must return logits (B, T, V) and have a ``config.n_layers``. With ``use_cache`` the
-    prompt is run once and each new token alone (same tokens as without the cache, which the tests check).
+    prompt is run once and each new token alone (same tokens as without the cache, which the tests check). With
+    ``eos_id``, a row that has produced it keeps producing it, and decoding stops once every row has.
     """
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens!r}")
@@ -55,10 +57,16 @@ def greedy_generate(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, *,
     model.eval()
     caches = [KVCache() for _ in range(model.config.n_layers)] if use_cache else None
     out, step_input = idx, idx
+    done = torch.zeros(idx.shape[0], 1, dtype=torch.bool, device=idx.device)  # (B, 1) rows that produced eos_id
     for _ in range(max_new_tokens):
         logits = model(step_input if use_cache else out, kv_caches=caches)  # (B, T, V)
         next_token = logits[:, -1].argmax(dim=-1, keepdim=True)  # (B, 1)
+        if eos_id is not None:
+            next_token = next_token.masked_fill(done, eos_id)
+            done = done | (next_token == eos_id)
         out = torch.cat([out, next_token], dim=1)
         step_input = next_token
+        if eos_id is not None and bool(done.all()):
+            break
     model.train(was_training)
     return out
