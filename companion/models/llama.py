@@ -4,6 +4,8 @@ Touvron et al. (2023), "LLaMA" and "Llama 2": pre-norm RMSNorm (Zhang & Sennrich
 2020), rotary positions inside attention (Su et al., 2021), no biases, an untied output head, and grouped-query
 attention (Ainslie et al., 2023) when ``n_kv_heads < n_heads``; Llama 3.1/3.2 stretch RoPE for long contexts
 (``rope_scaling``, see `companion.nn.positional.RopeScaling`). Loads from Hugging Face `LlamaForCausalLM`.
+Options, off by default: QK-norm (``qk_norm``, as Qwen3/Gemma 3) and sliding-window attention (``sliding_window``),
+in every layer (Mistral 7B) or in all but every ``global_every``-th layer (Gemma 3: 5 local : 1 global).
 """
 
 from __future__ import annotations
@@ -38,17 +40,29 @@ class LlamaConfig:
     tie_embeddings: bool = False  # LLaMA keeps a separate output matrix; small Qwen/Llama-3.2 models tie it
     dropout: float = 0.0  # LLaMA trains without dropout
     backend: Backend = "torch"  # attention kernel
+    qk_norm: bool = False  # RMSNorm on each head's queries and keys before RoPE (Qwen3, Gemma 3)
+    sliding_window: int | None = None  # local layers see only their last W keys (None: every layer global)
+    global_every: int | None = None  # with sliding_window: layers n-1, 2n-1, ... stay global (None: all local)
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "n_ctx", "n_layers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
-        self.block()  # validates widths, heads, RoPE head dim and scaling
+        if self.global_every is not None and (self.sliding_window is None or self.global_every < 1):
+            raise ValueError(f"global_every needs a sliding_window and must be >= 1, got global_every="
+                             f"{self.global_every!r} with sliding_window={self.sliding_window!r}")
+        self.block()  # validates widths, heads, RoPE head dim and scaling, window
 
-    def block(self) -> BlockConfig:
+    def window(self, layer: int) -> int | None:
+        """The sliding window of block ``layer`` (None: full attention)."""
+        if self.sliding_window is None or (self.global_every is not None and (layer + 1) % self.global_every == 0):
+            return None
+        return self.sliding_window
+
+    def block(self, layer: int = 0) -> BlockConfig:
         return BlockConfig.llama(self.d_model, self.n_heads, self.n_kv_heads, d_ff=self.d_ff, norm_eps=self.norm_eps,
                                  rope_base=self.rope_base, rope_scaling=self.rope_scaling, dropout=self.dropout,
-                                 backend=self.backend)
+                                 backend=self.backend, qk_norm=self.qk_norm, window=self.window(layer))
 
     @property
     def head_dim(self) -> int:
@@ -81,7 +95,7 @@ class Llama(nn.Module):
         super().__init__()
         self.config = config
         self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
-        self.blocks = nn.ModuleList(TransformerBlock(config.block()) for _ in range(config.n_layers))
+        self.blocks = nn.ModuleList(TransformerBlock(config.block(i)) for i in range(config.n_layers))
         self.norm = RMSNorm(config.d_model, eps=config.norm_eps)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.apply(init_weights)

@@ -3,13 +3,17 @@
 Vaswani et al. (2017), "Attention Is All You Need"; grouped-query attention from Ainslie et al. (2023), multi-query
 attention from Shazeer (2019). Masks follow PyTorch's convention: a boolean mask is True where attention is
 *allowed*, a float mask is *added* to the scores. The math path is the reference; `backend="torch"` dispatches to
-`F.scaled_dot_product_attention` (flash / memory-efficient kernels) after the same validation.
+`F.scaled_dot_product_attention` (flash / memory-efficient kernels) after the same validation. Options, all off by
+default: QK-norm (RMSNorm of each head's queries and keys before RoPE: Dehghani et al., 2023; OLMo 2, Gemma 3, Qwen3)
+and a causal sliding window (Beltagy et al., 2020; Mistral 7B; Gemma 2/3's local layers), with the window counted
+as in transformers (W keys, the query's own position included). `kv_cache_bytes_per_token` sizes the cache.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Literal, Protocol
 
 import torch
@@ -17,6 +21,7 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import nn
 
+from companion.nn.layers import RMSNorm
 from companion.nn.positional import RopeScaling, RotaryEmbedding, alibi_bias
 
 Backend = Literal["math", "torch"]
@@ -32,6 +37,20 @@ def causal_mask(t: int, s: int | None = None, device: torch.device | str | None 
     if t < 1 or s < t:
         raise ValueError(f"causal mask needs 1 <= T <= S, got T={t!r}, S={s!r}")
     return torch.ones(t, s, dtype=torch.bool, device=device).tril(diagonal=s - t)  # (T, S)
+
+
+def sliding_window_mask(t: int, s: int | None = None, *, window: int,
+                        device: torch.device | str | None = None) -> torch.Tensor:
+    """Boolean (T, S) causal mask limited to the last ``window`` keys: query i (at absolute position S - T + i, as in
+    `causal_mask`) sees key j iff 0 <= (S - T + i) - j < window, its own position included (transformers' rule)."""
+    s = t if s is None else s
+    if t < 1 or s < t:
+        raise ValueError(f"sliding window mask needs 1 <= T <= S, got T={t!r}, S={s!r}")
+    if window < 1:
+        raise ValueError(f"window must be a positive number of keys, got {window!r}")
+    query = torch.arange(s - t, s, device=device)[:, None]  # (T, 1) absolute positions
+    key = torch.arange(s, device=device)[None, :]  # (1, S)
+    return (key <= query) & (query - key < window)  # (T, S)
 
 
 def padding_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -188,6 +207,9 @@ class AttentionConfig:
     rope_scaling: RopeScaling | None = None  # RoPE frequency rescaling for long contexts (None: plain RoPE)
     backend: Backend = "torch"  # "torch": F.scaled_dot_product_attention; "math": the formula
     scale: float | None = None  # multiplies Q K^T (None: 1/sqrt(D); T5 uses 1.0, its init absorbs the factor)
+    qk_norm: bool = False  # RMSNorm (one weight of size D, shared by the heads) on queries and keys, before RoPE
+    qk_norm_eps: float = 1e-6  # epsilon of the QK-norm
+    window: int | None = None  # sliding window: each query sees its last `window` keys (None: all; needs causal)
 
     def __post_init__(self) -> None:
         if self.d_model < 1 or self.n_heads < 1:
@@ -215,6 +237,10 @@ class AttentionConfig:
             raise ValueError(f"backend must be 'math' or 'torch', got {self.backend!r}")
         if self.scale is not None and not self.scale > 0:
             raise ValueError(f"scale must be positive (or None for 1/sqrt(D)), got {self.scale!r}")
+        if self.window is not None and (not isinstance(self.window, int) or self.window < 1):
+            raise ValueError(f"window must be a positive int (or None), got {self.window!r}")
+        if self.window is not None and not self.causal:
+            raise ValueError(f"a sliding window needs causal=True, got causal={self.causal!r} with window={self.window}")
 
     @property
     def head_dim(self) -> int:
@@ -223,6 +249,35 @@ class AttentionConfig:
     @property
     def kv_heads(self) -> int:
         return self.n_heads if self.n_kv_heads is None else self.n_kv_heads  # G
+
+    def kv_cache_elements(self, n_tokens: int) -> int:
+        """Numbers this layer caches for one sequence of ``n_tokens``: keys and values of G heads of width D, for at
+        most ``window`` positions (a rolling buffer, as in Mistral 7B, drops the keys the window no longer sees)."""
+        kept = n_tokens if self.window is None else min(n_tokens, self.window)
+        return 2 * self.kv_heads * self.head_dim * kept
+
+
+class CachesKV(Protocol):
+    """A layer configuration that knows its cache size (`AttentionConfig`, `companion.nn.mla.MLAConfig`)."""
+
+    def kv_cache_elements(self, n_tokens: int) -> int: ...
+
+
+def kv_cache_bytes_per_token(layers: CachesKV | Sequence[CachesKV], dtype: torch.dtype = torch.bfloat16,
+                             context: int | None = None) -> float:
+    """Bytes of KV cache per token of one sequence, summed over ``layers`` (one config per layer, or one layer).
+
+    Without ``context`` every cached position costs its full size (windows do not bind yet). With ``context`` = L
+    it is the cache of an L-token sequence divided by L, so a window W < L layer contributes only W / L of its size.
+    """
+    configs = [layers] if not isinstance(layers, Sequence) else list(layers)
+    if not configs:
+        raise ValueError("need at least one layer configuration")
+    if context is not None and context < 1:
+        raise ValueError(f"context must be a positive number of tokens, got {context!r}")
+    n = 1 if context is None else context
+    elements = sum(layer.kv_cache_elements(n) for layer in configs)
+    return elements * torch.empty((), dtype=dtype).element_size() / n
 
 
 class MultiHeadAttention(nn.Module):
@@ -244,6 +299,9 @@ class MultiHeadAttention(nn.Module):
         self.out_proj = nn.Linear(h * d, c, bias=config.bias)
         rope = config.positional == "rope"
         self.rope = RotaryEmbedding(d, config.rope_base, scaling=config.rope_scaling) if rope else None
+        if config.qk_norm:
+            self.q_norm = RMSNorm(d, eps=config.qk_norm_eps)
+            self.k_norm = RMSNorm(d, eps=config.qk_norm_eps)
 
     def forward(
         self,
@@ -267,6 +325,8 @@ class MultiHeadAttention(nn.Module):
         q = rearrange(self.q_proj(x), "b t (h d) -> b h t d", h=cfg.n_heads)  # (B, H, T, D)
         k = rearrange(self.k_proj(source), "b s (g d) -> b g s d", g=cfg.kv_heads)  # (B, G, S, D)
         v = rearrange(self.v_proj(source), "b s (g d) -> b g s d", g=cfg.kv_heads)  # (B, G, S, D)
+        if cfg.qk_norm:  # each head's query and key vectors get unit RMS (times a learned gain), before RoPE
+            q, k = self.q_norm(q), self.k_norm(k)
 
         offset = 0 if kv_cache is None else kv_cache.seq_len
         if positions is None and cfg.positional != "none":
@@ -280,6 +340,9 @@ class MultiHeadAttention(nn.Module):
             key_pos = torch.arange(s, device=x.device)
             mask = merge_masks(mask, alibi_bias(cfg.n_heads, positions, key_pos, device=x.device))
         causal = cfg.causal and context is None
+        if cfg.window is not None and context is None:  # the window mask is causal itself
+            mask = merge_masks(mask, sliding_window_mask(x.shape[1], s, window=cfg.window, device=x.device))
+            causal = False
         backend: Backend = "math" if need_weights else cfg.backend
         p = cfg.dropout if self.training else 0.0
         result = scaled_dot_product_attention(

@@ -40,6 +40,8 @@ class BlockConfig:
     bias: bool = True  # biases in linear layers and LayerNorm
     backend: Backend = "torch"  # attention kernel: "torch" (SDPA) or "math" (the formula)
     attn_scale: float | None = None  # score scale (None: 1/sqrt(D); T5 uses 1.0)
+    qk_norm: bool = False  # RMSNorm on each head's queries and keys in self-attention (OLMo 2, Gemma 3, Qwen3)
+    window: int | None = None  # self-attention sliding window in keys (None: full causal attention)
 
     def __post_init__(self) -> None:
         self.attention()  # validates widths, heads, positional, RoPE scaling, dropout
@@ -71,6 +73,8 @@ class BlockConfig:
             rope_scaling=None if cross else self.rope_scaling,
             backend=self.backend,
             scale=self.attn_scale,
+            qk_norm=self.qk_norm and not cross,
+            window=None if cross else self.window,
         )
 
     @classmethod

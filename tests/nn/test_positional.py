@@ -121,8 +121,8 @@ def test_rope_scaling_frequencies_match_transformers(name):
 
 
 def test_rope_scaling_validation_names_values():
-    with pytest.raises(ValueError, match="got 'yarn'"):
-        RopeScaling("yarn", 4.0)
+    with pytest.raises(ValueError, match="got 'longrope'"):
+        RopeScaling("longrope", 4.0)
     with pytest.raises(ValueError, match="factor must be >= 1, got 0.5"):
         RopeScaling.linear(0.5)
     with pytest.raises(ValueError, match="low_freq_factor=4.0 and high_freq_factor=1.0"):
