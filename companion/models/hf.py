@@ -6,12 +6,14 @@ transform in each direction (GPT-2 stores linear layers as (in, out) `Conv1D` we
 `c_attn`). Only the local filesystem is read: nothing is downloaded. Tied copies (`lm_head.weight`, T5's per-stack
 `embed_tokens`) are not written, as `save_pretrained` does; when present in a checkpoint they must equal the tensor
 they are tied to. A checkpoint whose keys do not fit raises `CheckpointError` listing every missing, unexpected and
-mis-shaped key. Llama's RoPE scaling ("linear", "llama3") is read and written; other rope types are refused.
+mis-shaped key. Llama's RoPE scaling ("linear", "llama3", "dynamic", "yarn") is read and written; other rope types
+are refused.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -224,13 +226,14 @@ def _require(hf: dict, key: str, allowed: tuple, default=None) -> None:
 def _llama_rope_from_hf(hf: dict) -> tuple[float, RopeScaling | None]:
     """(theta, scaling) from a Llama config.json as transformers reads it: transformers 5 writes ``rope_parameters``
     (rope_type, rope_theta, scaling fields), 4.x wrote ``rope_scaling`` (``type`` before 4.42) beside a top-level
-    ``rope_theta``; like transformers, ``rope_scaling`` wins when both are there. Only "default", "linear" and
-    "llama3" are implemented: any other rope_type (yarn, dynamic, longrope, ...) raises instead of loading as plain
+    ``rope_theta``; like transformers, ``rope_scaling`` wins when both are there. Only "default", "linear", "llama3",
+    "dynamic" and "yarn" are implemented: any other rope_type (longrope, ...) raises instead of loading as plain
     RoPE and giving wrong logits."""
     rope = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
     rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type not in ("default", "linear", "llama3"):
-        raise ValueError(f"unsupported llama config: rope_type={rope_type!r} (supported: 'default', 'linear', 'llama3')")
+    if rope_type not in ("default", "linear", "llama3", "dynamic", "yarn"):
+        raise ValueError(f"unsupported llama config: rope_type={rope_type!r} "
+                         f"(supported: 'default', 'linear', 'llama3', 'dynamic', 'yarn')")
     partial = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
     if partial not in (1, 1.0, None):
         raise ValueError(f"unsupported llama config: partial_rotary_factor={partial!r} (only 1.0: RoPE on the whole head)")
@@ -243,10 +246,21 @@ def _llama_rope_from_hf(hf: dict) -> tuple[float, RopeScaling | None]:
 
     if rope_type == "linear":
         return theta, RopeScaling.linear(field("factor"))
-    if rope_type == "llama3":  # pretraining length: a top-level field first, as transformers' standardize_rope_params
-        original = hf.get("original_max_position_embeddings") or rope.get("original_max_position_embeddings") \
-            or hf.get("max_position_embeddings", 2048)
+    if rope_type == "dynamic":  # transformers' dynamic NTK stretches beyond max_position_embeddings
+        return theta, RopeScaling.dynamic(field("factor"), hf.get("max_position_embeddings", 2048))
+    # pretraining length: a top-level field first, as transformers' standardize_rope_params
+    original = hf.get("original_max_position_embeddings") or rope.get("original_max_position_embeddings") \
+        or hf.get("max_position_embeddings", 2048)
+    if rope_type == "llama3":
         return theta, RopeScaling.llama3(field("factor"), field("low_freq_factor"), field("high_freq_factor"), original)
+    if rope_type == "yarn":  # attention factor as _compute_yarn_parameters infers it (DeepSeek's mscale ratio)
+        factor, attention, mscale, mscale_all = field("factor"), rope.get("attention_factor"), rope.get("mscale"), \
+            rope.get("mscale_all_dim")
+        if attention is None and mscale and mscale_all:
+            attention = (0.1 * mscale * math.log(factor) + 1.0) / (0.1 * mscale_all * math.log(factor) + 1.0) \
+                if factor > 1 else 1.0
+        return theta, RopeScaling.yarn(factor, original, rope.get("beta_fast") or 32.0, rope.get("beta_slow") or 1.0,
+                                       attention, rope.get("truncate", True))
     return theta, None
 
 
@@ -258,11 +272,20 @@ def _llama_rope_to_hf(c: LlamaConfig) -> dict:
         scaling = None
     elif s.rope_type == "linear":
         scaling = {"rope_type": "linear", "factor": s.factor}
-    else:
+    elif s.rope_type == "llama3":
         scaling = {"rope_type": "llama3", "factor": s.factor, "low_freq_factor": s.low_freq_factor,
                    "high_freq_factor": s.high_freq_factor, "original_max_position_embeddings": s.original_max_position_embeddings}
+    elif s.rope_type == "dynamic":
+        scaling = {"rope_type": "dynamic", "factor": s.factor}
+    elif s.rope_type == "yarn":
+        scaling = {"rope_type": "yarn", "factor": s.factor, "original_max_position_embeddings": s.original_max_position_embeddings,
+                   "beta_fast": s.beta_fast, "beta_slow": s.beta_slow, "truncate": s.truncate,
+                   **({} if s.attention_factor is None else {"attention_factor": s.attention_factor})}
+    else:
+        raise ValueError(f"rope_type={s.rope_type!r} has no transformers equivalent (use 'dynamic' or 'yarn')")
     parameters = {"rope_theta": c.rope_base, **(scaling or {"rope_type": "default"})}
-    return {"rope_theta": c.rope_base, "rope_scaling": scaling, "rope_parameters": parameters}
+    extra = {"max_position_embeddings": s.original_max_position_embeddings} if s and s.rope_type == "dynamic" else {}
+    return {"rope_theta": c.rope_base, "rope_scaling": scaling, "rope_parameters": parameters, **extra}
 
 
 def config_from_hf(hf: dict) -> GPTConfig | LlamaConfig | BertConfig | T5Config:
@@ -285,7 +308,9 @@ def config_from_hf(hf: dict) -> GPTConfig | LlamaConfig | BertConfig | T5Config:
         if head_dim * hf["num_attention_heads"] != hf["hidden_size"]:
             raise ValueError(f"head_dim * num_attention_heads must equal hidden_size, got {head_dim} * "
                              f"{hf['num_attention_heads']} != {hf['hidden_size']}")
-        return LlamaConfig(vocab_size=hf["vocab_size"], n_ctx=hf.get("max_position_embeddings", 2048),
+        n_ctx = hf.get("max_position_embeddings", 2048)  # dynamic NTK: the length its factor stretches to
+        n_ctx = int(n_ctx * rope_scaling.factor) if rope_scaling and rope_scaling.rope_type == "dynamic" else n_ctx
+        return LlamaConfig(vocab_size=hf["vocab_size"], n_ctx=n_ctx,
                            n_layers=hf["num_hidden_layers"], d_model=hf["hidden_size"], n_heads=hf["num_attention_heads"],
                            n_kv_heads=hf.get("num_key_value_heads"), d_ff=hf["intermediate_size"],
                            norm_eps=hf.get("rms_norm_eps", 1e-6), rope_base=rope_base, rope_scaling=rope_scaling,
@@ -320,6 +345,9 @@ def config_to_hf(model: nn.Module) -> dict:
                 "activation_function": "gelu" if c.ffn == "gelu" else "gelu_new", "layer_norm_epsilon": c.norm_eps,
                 "resid_pdrop": c.dropout, "embd_pdrop": c.dropout, "attn_pdrop": c.dropout, "tie_word_embeddings": c.tie_embeddings}
     if isinstance(model, Llama):
+        if c.qk_norm or c.sliding_window is not None:
+            raise ValueError(f"LlamaForCausalLM has no QK-norm or sliding window, got qk_norm={c.qk_norm}, "
+                             f"sliding_window={c.sliding_window}")
         return {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": c.vocab_size,
                 "max_position_embeddings": c.n_ctx, "num_hidden_layers": c.n_layers, "hidden_size": c.d_model,
                 "num_attention_heads": c.n_heads, "num_key_value_heads": c.n_kv_heads or c.n_heads,
