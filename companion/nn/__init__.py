@@ -10,14 +10,17 @@ from companion.nn.attention import (
     KVCacheLike,
     MultiHeadAttention,
     causal_mask,
+    kv_cache_bytes_per_token,
     merge_masks,
     padding_mask,
     scaled_dot_product_attention,
+    sliding_window_mask,
     to_additive,
 )
 from companion.nn.block import BlockConfig, TransformerBlock
 from companion.nn.flash import count_blocks, online_logsumexp, online_softmax, peak_tensor_bytes, tiled_attention
 from companion.nn.layers import FeedForward, LayerNorm, RMSNorm, make_norm, swiglu_hidden
+from companion.nn.mla import MLAConfig, MultiHeadLatentAttention
 from companion.nn.moe import (MoE, MoEConfig, expert_counts, load_balancing_loss, record_router_logits, router_probs,
                               router_z_loss)
 from companion.nn.positional import (
@@ -70,4 +73,9 @@ __all__ = [
     "record_router_logits",
     "router_probs",
     "router_z_loss",
+    # attention variants: sliding window, KV-cache size, multi-head latent attention
+    "MLAConfig",
+    "MultiHeadLatentAttention",
+    "kv_cache_bytes_per_token",
+    "sliding_window_mask",
 ]
