@@ -161,6 +161,14 @@ def quiet() -> None:
     warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm.auto without ipywidgets
     if "datasets" in sys.modules:
         sys.modules["datasets"].disable_progress_bars()
+    tqdm = sys.modules.get("tqdm")
+    if tqdm is not None and os.environ.get("TQDM_DISABLE") == "1" and not getattr(tqdm.tqdm, "_book_quiet", False):
+        # tqdm reads TQDM_DISABLE when it is imported; when something imported it earlier (datasets, via
+        # companion.data), make disable=True the default of every bar (tqdm.auto's classes subclass tqdm.tqdm)
+        import functools
+
+        tqdm.tqdm.__init__ = functools.partialmethod(tqdm.tqdm.__init__, disable=True)
+        tqdm.tqdm._book_quiet = True
 
 
 def setup_notebook(seed: int = DEFAULT_SEED, threads: int = DEFAULT_THREADS) -> None:

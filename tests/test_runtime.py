@@ -1,4 +1,5 @@
 import inspect
+import os
 import random
 import textwrap
 
@@ -213,3 +214,15 @@ def test_show_source_is_the_package_source():
     assert text == textwrap.dedent(inspect.getsource(MultiHeadAttention.forward))
     with pytest.raises(TypeError, match="show_source needs"):
         companion.show_source(3)
+
+
+def test_quiet_silences_a_tqdm_imported_before_it(capsys):
+    import subprocess
+    import sys
+
+    code = ("import tqdm.auto, companion; companion.setup_notebook(threads=1)\n"
+            "from tqdm.auto import tqdm\n"
+            "assert list(tqdm(range(3), desc='bar')) == [0, 1, 2]\n")
+    env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert "bar" not in out.stderr, out.stderr
