@@ -3,8 +3,9 @@
 Sparsely-gated MoE (Shazeer et al., 2017) as used in Switch Transformer (Fedus et al., 2022), Mixtral (Jiang et al.,
 2024) and DeepSeekMoE (Dai et al., 2024): a linear router scores the experts (softmax, or DeepSeek-V3's sigmoid),
 each token keeps its top-k, the k weights are renormalised to sum to 1 (Mixtral), and the output is the weighted sum
-of those experts' outputs, plus always-on shared experts (DeepSeekMoE). Capacity-free: no token is dropped; the
-dispatch loops over experts with ``index_select``/``index_add_``, so it is exact (it equals the explicit sum).
+of those experts' outputs, plus always-on shared experts (DeepSeekMoE). Capacity-free: no token is dropped. The
+dispatch sorts the token-expert assignments by expert, runs each expert on its contiguous group (the layout grouped-GEMM
+kernels use), gathers the outputs back with ``index_select`` and sums each token's k slots, so it is exact.
 Balancing: Switch Transformer's auxiliary loss N * sum_i f_i * P_i and ST-MoE's router z-loss (Zoph et al., 2022).
 The router logits are returned by :meth:`MoE.route` and collected from a whole model by :func:`record_router_logits`
 (a forward hook on each router; the layer itself keeps no state).
@@ -93,13 +94,14 @@ class MoE(nn.Module):
         shape = x.shape
         tokens = x.reshape(-1, shape[-1])  # (N, C), N = B * T
         weights, indices, _ = self.route(tokens)  # (N, k), (N, k)
-        out = torch.zeros_like(tokens)  # (N, C)
-        for e, expert in enumerate(self.experts):
-            token_idx, slot = torch.where(indices == e)  # the tokens routed to expert e, and in which of their k slots
-            if token_idx.numel() == 0:
-                continue
-            y = expert(tokens.index_select(0, token_idx))  # (n_e, C)
-            out.index_add_(0, token_idx, y * weights[token_idx, slot, None])  # (N, C)
+        n, k = indices.shape
+        flat = indices.reshape(-1)  # (N * k,) expert of each (token, slot) assignment
+        order = flat.argsort(stable=True)  # assignments grouped by expert, expert 0 first
+        counts = torch.bincount(flat, minlength=len(self.experts)).tolist()  # assignments per expert
+        grouped = tokens.index_select(0, order // k)  # (N * k, C): the tokens, expert by expert
+        outputs = torch.cat([expert(chunk) for expert, chunk in zip(self.experts, grouped.split(counts))])  # (N * k, C)
+        outputs = outputs.index_select(0, order.argsort())  # (N * k, C) back in (token, slot) order
+        out = (outputs.view(n, k, -1) * weights.unsqueeze(-1)).sum(dim=1)  # (N, C): weighted sum over the k slots
         for expert in self.shared:
             out = out + expert(tokens)  # (N, C)
         return out.reshape(shape)
