@@ -18,7 +18,8 @@ from companion.nn.attention import (
     to_additive,
 )
 from companion.nn.block import BlockConfig, TransformerBlock
-from companion.nn.flash import count_blocks, online_logsumexp, online_softmax, peak_tensor_bytes, tiled_attention
+from companion.nn.flash import (count_blocks, online_logsumexp, online_softmax, peak_tensor_bytes, tiled_attention,
+                               tiled_attention_backward)
 from companion.nn.layers import FeedForward, LayerNorm, RMSNorm, make_norm, swiglu_hidden
 from companion.nn.mla import MLAConfig, MultiHeadLatentAttention
 from companion.nn.moe import (MoE, MoEConfig, expert_counts, load_balancing_loss, record_router_logits, router_probs,
@@ -65,6 +66,7 @@ __all__ = [
     "online_softmax",
     "peak_tensor_bytes",
     "tiled_attention",
+    "tiled_attention_backward",
     # mixture of experts
     "MoE",
     "MoEConfig",
