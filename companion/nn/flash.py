@@ -110,11 +110,13 @@ def _prepare(
     return k, v, mask, 1.0 / math.sqrt(d) if scale is None else scale
 
 
-def _masked_block_scores(
+def block_scores(
     qi: torch.Tensor, kj: torch.Tensor, i0: int, j0: int, offset: int, scale: float,
     mask: torch.Tensor | None, is_causal: bool,
 ) -> torch.Tensor:
-    """Scores of query rows i0.. against key columns j0..: (B, H, bq, bk), scaled and masked."""
+    """One block of scores, scaled and masked: query rows i0..i0+bq-1 (qi: (B, H, bq, D)) against key columns
+    j0..j0+bk-1 (kj: (B, H, bk, D)) -> (B, H, bq, bk). A causal mask is applied only to blocks that cross the diagonal
+    (the others are entirely allowed, or skipped by the caller); ``mask`` is the (B, H, T, S) view from `_prepare`."""
     i1, j1 = i0 + qi.shape[2], j0 + kj.shape[2]
     scores = (qi @ kj.transpose(-2, -1)) * scale  # (B, H, bq, bk)
     if is_causal and j1 - 1 > offset + i0:  # the block crosses the diagonal: mask its future keys
@@ -169,7 +171,7 @@ def tiled_attention(
         acc = q.new_zeros((b, h, i1 - i0, dv))  # (B, H, bq, Dv) running sum of exp(score - m) * v
         for j0 in _key_block_starts(i0, i1, s, offset, block_k, is_causal):
             j1 = min(j0 + block_k, s)
-            scores = _masked_block_scores(qi, k[:, :, j0:j1], i0, j0, offset, scale, mask, is_causal)  # (B, H, bq, bk)
+            scores = block_scores(qi, k[:, :, j0:j1], i0, j0, offset, scale, mask, is_causal)  # (B, H, bq, bk)
             m_new = torch.maximum(m, scores.amax(dim=-1))  # (B, H, bq)
             shift = _finite_or_zero(m_new)
             p = torch.exp(scores - shift[..., None])  # (B, H, bq, bk) unnormalised weights
@@ -218,7 +220,7 @@ def tiled_attention_backward(
         for j0 in _key_block_starts(i0, i1, s, offset, block_k, is_causal):
             j1 = min(j0 + block_k, s)
             kj, vj = k[:, :, j0:j1], v[:, :, j0:j1]  # (B, H, bk, D), (B, H, bk, Dv)
-            scores = _masked_block_scores(qi, kj, i0, j0, offset, scale, mask, is_causal)  # (B, H, bq, bk)
+            scores = block_scores(qi, kj, i0, j0, offset, scale, mask, is_causal)  # (B, H, bq, bk)
             p = torch.exp(scores - lse[:, :, i0:i1, None])  # (B, H, bq, bk) the forward's probabilities
             dv[:, :, j0:j1] += p.transpose(-2, -1) @ doi  # (B, H, bk, Dv)
             dp = doi @ vj.transpose(-2, -1)  # (B, H, bq, bk)
