@@ -4,6 +4,8 @@ model and chapter 2's n-gram models can be compared on.
 * :func:`poem_form` / :func:`form_adherence`: a regulated poem (绝句, 律诗) has clauses (句) of equally many
   characters, 5 (五言) or 7 (七言); the share of samples whose clauses all have 5, or all 7, characters is a
   simple, automatic measure of whether a model learned the form (it says nothing about tones or rhyme).
+* :func:`sample_poems`: ancestral sampling (temperature 1 draws from the model's own distribution) with a KV
+  cache and an explicit generator, by inverse CDF, so that a float64 model gives the same poems on every CPU.
 * :func:`comparable_perplexity`: chapter 2 scores each line of a poem on its own, over a closed vocabulary
   (``companion.lm_basics.NGramLM``: characters seen ``min_count`` times, ``</s>`` ending the line, ``<unk>``
   for every other character). A model over a larger vocabulary is scored on the *same* events by summing
@@ -49,6 +51,47 @@ def form_adherence(poems: Iterable[str], min_clauses: int = 4) -> float:
     if not poems:
         raise ValueError("form_adherence needs at least one poem")
     return sum(poem_form(p, min_clauses) is not None for p in poems) / len(poems)
+
+
+@torch.no_grad()
+def sample_poems(model: nn.Module, tokenizer, n: int, max_new_tokens: int = 100, temperature: float = 1.0,
+                 prompt: str = "", bos: str = "<eos>", eos: str = "<eos>", seed: int = 0) -> list[str]:
+    """``n`` texts sampled from a decoder-only ``model`` (``model(ids, kv_caches=...)`` -> logits (B, T, V), and
+    ``model.config.n_layers``), each starting after ``bos`` + ``prompt`` and ending at ``eos`` (not included) or
+    after ``max_new_tokens``. Token t is drawn from softmax(logits / temperature) by inverse CDF with one
+    ``torch.Generator`` seeded by ``seed``: with a float64 model the draws are the same on every CPU."""
+    from companion.nn import KVCache
+
+    if n < 1 or max_new_tokens < 1:
+        raise ValueError(f"n and max_new_tokens must be >= 1, got n={n!r}, max_new_tokens={max_new_tokens!r}")
+    if not (temperature > 0 and math.isfinite(temperature)):
+        raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
+    start = [tokenizer.token_id(bos)] + tokenizer.encode(prompt)
+    eos_id = tokenizer.token_id(eos)
+    was_training = model.training
+    model.eval()
+    g = torch.Generator().manual_seed(seed)
+    caches = [KVCache() for _ in range(model.config.n_layers)]
+    step_input = torch.tensor([start] * n)  # (n, T0)
+    out = torch.empty(n, 0, dtype=torch.long)  # (n, t): the sampled tokens
+    done = torch.zeros(n, dtype=torch.bool)  # (n,)
+    for _ in range(max_new_tokens):
+        logits = model(step_input, kv_caches=caches)[:, -1]  # (n, V)
+        cdf = torch.softmax(logits / temperature, dim=-1).cumsum(-1)  # (n, V)
+        u = torch.rand(n, 1, generator=g, dtype=cdf.dtype) * cdf[:, -1:]  # (n, 1)
+        token = torch.searchsorted(cdf, u).clamp(max=cdf.shape[-1] - 1)  # (n, 1)
+        token = token.masked_fill(done[:, None], eos_id)
+        done |= token[:, 0] == eos_id
+        out = torch.cat([out, token], dim=1)
+        step_input = token
+        if bool(done.all()):
+            break
+    model.train(was_training)
+    texts = []
+    for row in out.tolist():
+        row = row[:row.index(eos_id)] if eos_id in row else row
+        texts.append(prompt + tokenizer.decode(row))
+    return texts
 
 
 # ------------------------------------------------------------------------- perplexity on chapter 2's events

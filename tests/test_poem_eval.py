@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from companion.lm_basics import EOS, UNK, NGramConfig, NGramLM
-from companion.poem_eval import comparable_perplexity, form_adherence, poem_clauses, poem_form
+from companion.poem_eval import comparable_perplexity, form_adherence, poem_clauses, poem_form, sample_poems
 from companion.tokenization import CharTokenizer
 
 JUEJU_5 = "白日依山尽，黄河入海流。\n欲穷千里目，更上一层楼。"
@@ -122,3 +122,45 @@ def test_comparable_perplexity_errors():
         comparable_perplexity(Bigram(tok.vocab_size), tok, [], ["甲"])
     with pytest.raises(ValueError, match=r"tokens \['<bos>'\] are not in the model's vocabulary"):
         comparable_perplexity(Bigram(tok.vocab_size), tok, [["甲"]], ["甲"], bos="<bos>")
+
+
+def test_sample_poems_draws_from_the_model_distribution_and_stops_at_eos():
+    from companion.models import GPT, GPTConfig
+
+    tok = _tokenizer()
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, n_ctx=64, n_layers=1, d_model=16, n_heads=2)).double()
+    a = sample_poems(model, tok, 5, max_new_tokens=30, seed=3)
+    assert a == sample_poems(model, tok, 5, max_new_tokens=30, seed=3)  # seeded
+    assert a != sample_poems(model, tok, 5, max_new_tokens=30, seed=4)
+    assert all("<eos>" not in t and len(t) <= 30 + 5 * 4 for t in a)  # specials decode to several characters
+
+    # the KV-cached draws are those of the full recomputation: replay seed 3 by hand, without a cache
+    g = torch.Generator().manual_seed(3)
+    ids = torch.full((5, 1), tok.token_id("<eos>"))
+    for _ in range(30):
+        cdf = torch.softmax(model(ids)[:, -1], -1).cumsum(-1)
+        u = torch.rand(5, 1, generator=g, dtype=torch.float64) * cdf[:, -1:]
+        ids = torch.cat([ids, torch.searchsorted(cdf, u).clamp(max=tok.vocab_size - 1)], 1)
+    for text, row in zip(a, ids[:, 1:].tolist()):
+        eos = tok.token_id("<eos>")
+        assert text == tok.decode(row[:row.index(eos)] if eos in row else row)
+
+    # a model whose distribution is one token: every draw is that token
+    class Always(nn.Module):
+        config = GPTConfig(vocab_size=tok.vocab_size, n_ctx=64, n_layers=1, d_model=16, n_heads=2)
+
+        def forward(self, ids, kv_caches=None):
+            out = torch.full((*ids.shape, tok.vocab_size), -1e4, dtype=torch.float64)
+            out[..., tok.encode("甲")[0]] = 0.0
+            return out
+
+    assert sample_poems(Always(), tok, 2, max_new_tokens=4, prompt="乙") == ["乙甲甲甲甲"] * 2
+
+
+def test_sample_errors():
+    tok = _tokenizer()
+    with pytest.raises(ValueError, match="temperature must be a positive finite number, got 0"):
+        sample_poems(Bigram(tok.vocab_size), tok, 1, temperature=0)
+    with pytest.raises(ValueError, match="n=0"):
+        sample_poems(Bigram(tok.vocab_size), tok, 0)

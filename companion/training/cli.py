@@ -14,6 +14,7 @@ import argparse
 import json
 import math
 import re
+import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -187,8 +188,10 @@ def _train(config, args: argparse.Namespace) -> int:
     from companion.runtime import seed_everything
     from companion.training.checkpoint import load_weights
     from companion.training.distributed import model_state
-    from companion.training.recipes import build_model, export_pretrained, prepare
+    from companion.training.recipes import build_model, export_pretrained, prepare, validation_loss
     from companion.training.trainer import Trainer
+
+    import torch
 
     import datasets
 
@@ -197,13 +200,18 @@ def _train(config, args: argparse.Namespace) -> int:
     run = prepare(config)
     n_params = sum(p.numel() for p in run.model.parameters())
     trainer = Trainer(run.model, config.train, run.train_data, run.collate_fn, run.loss_fn, run.eval_data)
+    if args.resume is not None:
+        trainer.load(args.resume)
+    resumed_from = trainer.step  # 0 unless resumed
     main_rank, world = trainer.dist.is_main, trainer.dist.world_size
     if main_rank:
         ranks = f", {config.train.parallel} on {world} ranks" if config.train.parallel != "none" else ""
         print(f"task {config.task}: {n_params:,} parameters, "
               f"{len(run.train_data):,} training / {len(run.eval_data):,} validation examples, "
               f"{trainer.precision.name} on {trainer.precision.device}{ranks}")
-    history = trainer.fit(resume_from=args.resume)
+    started = time.perf_counter()
+    history = trainer.fit()
+    seconds = time.perf_counter() - started  # this process's training time (a resumed run: the part after resuming)
     final = history.eval[-1] if history.eval else trainer.evaluate()
     if main_rank:
         print(json.dumps({"step": trainer.step, "val_loss": round(final["val_loss"], 4),
@@ -213,10 +221,17 @@ def _train(config, args: argparse.Namespace) -> int:
         if main_rank:
             model = build_model(config.task, run.model_fields)
             load_weights(model, weights)
-            info = {"val_loss": final["val_loss"], "steps": trainer.step, "tokens": trainer.tokens,
+            info = {"steps": trainer.step, "tokens": trainer.tokens,
                     "config_file": args.config.as_posix(), "data": asdict(config.data),
                     "eval_batch_size": config.train.batch_size * world, "eval_batches": config.train.eval_batches,
                     "seed": config.train.seed}
+            # the card's val_loss is recomputed on the CPU in fp32 (what load_pretrained users get); the run's own
+            # evaluation, in its precision (bf16 autocast on a bf16 CPU or GPU), is kept beside it
+            val_loss = validation_loss(model, run.tokenizer, {"task": config.task, **info})
+            info = {"val_loss": val_loss, "val_loss_in_run": final["val_loss"], **info,
+                    "precision": trainer.precision.name, "device": str(trainer.precision.device),
+                    "torch_threads": torch.get_num_threads(), "train_seconds": round(seconds, 1),
+                    "resumed_from_step": resumed_from}
             paths = export_pretrained(args.export, model, run.tokenizer, config.task, run.model_fields, info)
             if args.update_manifest:
                 _record(paths, config)

@@ -40,6 +40,33 @@ def test_flags_override_the_config_file(tmp_path):
     assert config.data.block_size == 16 and config.model["d_model"] == 16
 
 
+def test_schedule_and_z_loss_flags(tmp_path):
+    args = build_parser().parse_args(["train", "--config", str(write(tmp_path, TINY)), "--schedule", "wsd",
+                                      "--z-loss", "1e-4"])
+    config = configure(args)
+    assert (config.train.schedule, config.train.z_loss) == ("wsd", 1e-4)
+    assert config.train.optimizer().schedule == "wsd"
+    plain = configure(build_parser().parse_args(["train", "--config", str(write(tmp_path, TINY))]))
+    assert (plain.train.schedule, plain.train.z_loss) == ("cosine", 0.0)  # defaults: what the configs had before
+
+
+def test_resumed_wsd_run_with_a_shorter_length_equals_a_fresh_run(tmp_path, capsys):
+    # WSD is constant until its decay begins: a run started for 12 steps, resumed from step 4 with --max-steps 8
+    # (decay from step 6 on), exports the same model as a run configured for 8 steps from the start
+    config = {**TINY, "train": {**TINY["train"], "max_steps": 12, "schedule": "wsd", "decay_fraction": 0.25,
+                                "warmup_steps": 2, "checkpoint_every": 4, "keep_checkpoints": 5}}
+    path = str(write(tmp_path, config))
+    main(["train", "--config", path, "--out-dir", str(tmp_path / "long"), "--max-steps", "12"])
+    assert main(["train", "--config", path, "--out-dir", str(tmp_path / "long"), "--max-steps", "8",
+                 "--resume", str(tmp_path / "long" / "step-00000004"), "--export", str(tmp_path / "a")]) == 0
+    assert main(["train", "--config", path, "--max-steps", "8", "--export", str(tmp_path / "b")]) == 0
+    capsys.readouterr()
+    (ma, _, card_a), (mb, _, card_b) = load_pretrained(tmp_path / "a"), load_pretrained(tmp_path / "b")
+    assert all(torch.equal(p, q) for p, q in zip(ma.parameters(), mb.parameters()))
+    assert (card_a["resumed_from_step"], card_b["resumed_from_step"], card_a["steps"]) == (4, 0, 8)
+    assert card_a["precision"] == "fp32" and card_a["train_seconds"] >= 0
+
+
 def test_config_errors(tmp_path):
     with pytest.raises(ValueError, match="unknown sections \\['optimiser'\\]"):
         RunConfig.from_json(write(tmp_path, {**TINY, "optimiser": {}}))
@@ -91,6 +118,8 @@ def _usage_error(capsys, argv) -> str:
     (["--device", "tpu"], "argument --device: must be cpu, mps, cuda or cuda:N, got 'tpu'"),
     (["--resume", "no/such/run"], "argument --resume: no such file or directory: 'no/such/run'"),
     (["--parallel", "zero3"], "argument --parallel: invalid choice: 'zero3'"),
+    (["--schedule", "linear"], "argument --schedule: invalid choice: 'linear'"),
+    (["--z-loss", "nan"], "argument --z-loss: must be a finite number >= 0, got 'nan'"),
 ])
 def test_bad_flags_end_with_a_usage_error(tmp_path, capsys, flags, message):
     config = [] if not flags else ["--config", str(write(tmp_path, TINY))]
