@@ -118,8 +118,9 @@ def load_balancing_loss(logits: torch.Tensor, top_k: int, score: ScoreKind = "so
 
     f_i: the fraction of the N * top_k token-to-expert assignments that went to expert i (not differentiable);
     P_i: the mean router probability of expert i (carries the gradient). Both sum to 1 over the experts, so the loss
-    is 1 when both are uniform, and grows to E when every token goes to one expert with probability 1. (transformers'
-    ``load_balancing_loss_func`` normalises f by N instead of N * top_k: its value is top_k times this one.)
+    is 1 when both are uniform, and grows to E / top_k when every token goes to the same experts with probability 1
+    (E for top-1). transformers' ``load_balancing_loss_func`` normalises f by N instead of N * top_k: its value is
+    top_k times this one.
     """
     n_experts = logits.shape[-1]
     f = expert_counts(logits, top_k).to(logits.dtype) / (logits.shape[0] * top_k)  # (E,)

@@ -80,7 +80,7 @@ def test_matches_transformers_mixtral_sparse_moe_block():
     from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
     hf_config = MixtralConfig(hidden_size=C, intermediate_size=24, num_local_experts=4, num_experts_per_tok=2,
-                              router_jitter_noise=0.0)
+                              router_jitter_noise=0.0, experts_implementation="eager")
     torch.manual_seed(0)
     ref = MixtralSparseMoeBlock(hf_config).double().eval()
     with torch.no_grad():
@@ -116,6 +116,8 @@ def test_balance_loss_is_one_when_balanced_and_e_when_collapsed():
     collapsed = torch.zeros(8, E, dtype=torch.float64)
     collapsed[:, 0] = 100.0
     torch.testing.assert_close(load_balancing_loss(collapsed, k), torch.tensor(float(E), dtype=torch.float64))
+    # top-2: each token's second expert has probability ~0, so f = (1/2, ...), P = (1, 0, ...): E / 2
+    torch.testing.assert_close(load_balancing_loss(collapsed, 2), torch.tensor(E / 2, dtype=torch.float64))
 
 
 def test_balance_loss_on_a_hand_example():
