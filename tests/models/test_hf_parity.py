@@ -244,13 +244,13 @@ def test_saved_llama_config_has_rope_theta_for_older_transformers(tmp_path):
     assert config_from_hf(cfg).rope_base == 500.0
 
 
-@pytest.mark.parametrize("rope_type", ["yarn", "dynamic", "longrope", "proportional"])
+@pytest.mark.parametrize("rope_type", ["longrope", "proportional"])  # dynamic, yarn: tests/nn/test_positional_scaling.py
 @pytest.mark.parametrize("key", ["rope_parameters", "rope_scaling"])
 def test_unsupported_rope_types_are_refused(rope_type, key):
     hf = config_to_hf(Llama(config_from_hf(_llama().config.to_dict())))
     hf.pop("rope_parameters"), hf.pop("rope_scaling")
     hf[key] = {"rope_type": rope_type, "factor": 4.0, "rope_theta": 500.0}
-    with pytest.raises(ValueError, match=f"rope_type='{rope_type}' \\(supported: 'default', 'linear', 'llama3'\\)"):
+    with pytest.raises(ValueError, match=f"rope_type='{rope_type}' \\(supported: 'default', 'linear', 'llama3', 'dynamic', 'yarn'\\)"):
         config_from_hf(hf)
 
 
