@@ -149,6 +149,8 @@ def scaled_dot_product_attention(
         else:
             scores = scores + mask
             blocked = torch.isneginf(mask).all(dim=-1, keepdim=True)
+            if bool(blocked.any()):  # a finite row for softmax: its output is zeroed below, and no NaN flows back
+                scores = scores.masked_fill(blocked, 0.0)
     weights = torch.softmax(scores, dim=-1)  # (B, H, T, S)
     if blocked is not None and bool(blocked.any()):
         weights = weights.masked_fill(blocked, 0.0)

@@ -256,3 +256,19 @@ def test_config_scale_is_passed_to_the_kernel():
     torch.testing.assert_close(attn(x, need_weights=True)[0], expected, **TOL)
     with pytest.raises(ValueError, match="scale must be positive.*got -1.0"):
         AttentionConfig(16, 2, scale=-1.0)
+
+
+def test_float_mask_row_of_minus_inf_gives_zero_output_and_finite_gradients():
+    """A float mask that blocks every key of a row: output 0 (as SDPA) and gradients without NaN, equal to SDPA's."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 4, 8, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    mask = torch.zeros(1, 1, 4, 4, dtype=torch.float64)
+    mask[..., 2, :] = float("-inf")  # query 2 sees nothing
+    ours = scaled_dot_product_attention(q, k, v, mask, backend="math")
+    grads = torch.autograd.grad(ours.square().sum(), (q, k, v))
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    ref_grads = torch.autograd.grad(torch.nan_to_num(ref).square().sum(), (q, k, v))
+    assert torch.equal(ours[..., 2, :], torch.zeros_like(ours[..., 2, :]))
+    for a, b in zip(grads, ref_grads):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, torch.nan_to_num(b), atol=1e-12, rtol=0)
