@@ -20,3 +20,25 @@ def test_reference_model_loads_and_reaches_its_recorded_loss(name):
     # and it learned something: a nat below a uniform guess (over the vocabulary, plus ln 2 for NSP's two classes)
     uniform = math.log(tokenizer.vocab_size) + (math.log(2) if card["task"] == "bert" else 0.0)
     assert loss < uniform - 1.0
+
+
+@pytest.mark.slow
+def test_reference_gpt_beats_chapter_2s_4gram_on_the_same_events():
+    # chapter 2 (book/ch02_concepts/01_language_models.ipynb): five-character quatrains, one line at a time,
+    # characters seen < 3 times in training are <unk>; its 4-gram Kneser-Ney model scores 126.6
+    from companion.data import TANG_POEMS, read_jsonl, split_bucket
+    from companion.lm_basics import NGramConfig, NGramLM
+    from companion.poem_eval import comparable_perplexity
+
+    torch.set_num_threads(2)
+    rows = read_jsonl(TANG_POEMS)
+
+    def lines(split):
+        return [list(line) for row in rows if row["form"] == "五言绝句"
+                and split_bucket(row["text"], 0.05, 0.05) == split for line in row["text"].split("\n")]
+
+    train, valid = lines("train"), lines("validation")
+    four_gram = NGramLM(NGramConfig(order=4, smoothing="kneser_ney", min_count=3)).fit(train)
+    assert round(four_gram.perplexity(valid), 1) == 126.6  # the number chapter 2 prints
+    model, tokenizer, _ = load_pretrained("tang_gpt")
+    assert comparable_perplexity(model.double(), tokenizer, valid, four_gram.vocab) < 126.6
