@@ -67,6 +67,10 @@ def sample_poems(model: nn.Module, tokenizer, n: int, max_new_tokens: int = 100,
     if not (temperature > 0 and math.isfinite(temperature)):
         raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
     start = [tokenizer.token_id(bos)] + tokenizer.encode(prompt)
+    n_ctx = model.config.n_ctx
+    if len(start) + max_new_tokens - 1 > n_ctx:  # the last sampled token is never fed back
+        raise ValueError(f"{len(start)} start tokens + max_new_tokens={max_new_tokens} exceed the context length "
+                         f"n_ctx={n_ctx}: use max_new_tokens <= {n_ctx - len(start) + 1}")
     eos_id = tokenizer.token_id(eos)
     was_training = model.training
     model.eval()

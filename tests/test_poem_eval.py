@@ -164,3 +164,9 @@ def test_sample_errors():
         sample_poems(Bigram(tok.vocab_size), tok, 1, temperature=0)
     with pytest.raises(ValueError, match="n=0"):
         sample_poems(Bigram(tok.vocab_size), tok, 0)
+    from companion.models import GPT, GPTConfig
+
+    small = GPT(GPTConfig(vocab_size=tok.vocab_size, n_ctx=8, n_layers=1, d_model=16, n_heads=2)).double()
+    with pytest.raises(ValueError, match="exceed the context length n_ctx=8: use max_new_tokens <= 8"):
+        sample_poems(small, tok, 1, max_new_tokens=9)
+    assert len(sample_poems(small, tok, 1, max_new_tokens=8)) == 1  # exactly fills the context
