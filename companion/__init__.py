@@ -43,7 +43,8 @@ _LAZY = {
     **dict.fromkeys(["MultiHeadAttention", "AttentionConfig", "TransformerBlock", "BlockConfig",
                      "scaled_dot_product_attention", "KVCache", "LayerNorm", "RMSNorm", "FeedForward",
                      "RotaryEmbedding", "RopeScaling", "causal_mask", "padding_mask", "tiled_attention",
-                     "online_logsumexp"], "companion.nn"),
+                     "online_logsumexp", "MoE", "MoEConfig", "MLAConfig", "MultiHeadLatentAttention",
+                     "kv_cache_bytes_per_token", "sliding_window_mask"], "companion.nn"),
     # model families, counting, Hugging Face interop
     **dict.fromkeys(["GPT", "GPTConfig", "Llama", "LlamaConfig", "Bert", "BertConfig", "BertForPreTraining", "T5",
                      "T5Config", "count_parameters", "greedy_generate", "mean_pool", "load_smollm2",

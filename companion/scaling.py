@@ -72,7 +72,7 @@ def flops_per_token(model: float | AnyConfig, n_ctx: int | None = None, *, train
     from companion.models.counting import count_parameters  # a config: the models are needed to count N
     from companion.models.t5 import T5Config
 
-    n = count_parameters(model, embeddings=False)
+    n = count_parameters(model, embeddings=False, active=True)  # per token: a mixture of experts counts the experts it runs
     if n_ctx is None:
         n_ctx = 512 if isinstance(model, T5Config) else model.n_ctx
     if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 1:

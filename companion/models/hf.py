@@ -158,6 +158,8 @@ def weight_mapping_rules(model: nn.Module) -> tuple[list[Rule], dict[str, str], 
     Raises ``TypeError`` for a model with no Hugging Face mapping.
     """
     cfg = model.config
+    if isinstance(model, GPT) and getattr(cfg, "moe", None) is not None:
+        raise TypeError(f"no Hugging Face mapping for a GPT with a mixture-of-experts MLP (moe={cfg.moe})")
     if isinstance(model, GPT):
         tied = {"lm_head.weight": "tok_emb.weight"} if cfg.tie_embeddings else {}
         return _gpt2_rules(cfg), tied, [r"transformer\.h\.\d+\.attn\.(masked_)?bias"]
@@ -340,6 +342,8 @@ def config_to_hf(model: nn.Module) -> dict:
     """A transformers config.json dict describing ``model``."""
     c = model.config
     if isinstance(model, GPT):
+        if getattr(c, "moe", None) is not None:
+            raise TypeError(f"no Hugging Face mapping for a GPT with a mixture-of-experts MLP (moe={c.moe})")
         return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": c.vocab_size, "n_positions": c.n_ctx,
                 "n_layer": c.n_layers, "n_embd": c.d_model, "n_head": c.n_heads, "n_inner": c.d_ff,
                 "activation_function": "gelu" if c.ffn == "gelu" else "gelu_new", "layer_norm_epsilon": c.norm_eps,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import pytest
 import torch
 
 from companion.models import GPT, GPTConfig, greedy_generate
@@ -56,3 +57,19 @@ def test_kv_cache_decoding_equals_uncached():
     prompt = torch.randint(0, 256, (2, 5))
     torch.testing.assert_close(greedy_generate(model, prompt, 8, use_cache=True),
                                greedy_generate(model, prompt, 8, use_cache=False), rtol=0, atol=0)
+
+
+def test_moe_gpt_is_refused_by_the_hf_writer_and_counted_by_active_flops(tmp_path):
+    from companion.models import GPT, GPTConfig, count_parameters, save_pretrained, to_hf_state_dict
+    from companion.nn.moe import MoEConfig
+    from companion.scaling import flops_per_token
+
+    cfg = GPTConfig(vocab_size=64, n_ctx=16, n_layers=2, d_model=32, n_heads=4, d_ff=64,
+                    moe=MoEConfig(n_experts=4, top_k=2, d_expert=32))
+    model = GPT(cfg)
+    for write in (lambda: save_pretrained(model, tmp_path / "out"), lambda: to_hf_state_dict(model)):
+        with pytest.raises(TypeError, match="mixture-of-experts"):
+            write()
+    active = count_parameters(cfg, embeddings=False, active=True)
+    assert active < count_parameters(cfg, embeddings=False)
+    assert flops_per_token(cfg, training=False) == 2.0 * active + 2.0 * cfg.n_layers * cfg.n_ctx * cfg.d_model
