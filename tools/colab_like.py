@@ -56,6 +56,14 @@ def setup_requirement() -> str:
     return requirement.replace(REPOSITORY_URL, ROOT.as_uri())
 
 
+def setup_nodeps() -> list[str]:
+    """The requirements the setup cell installs with --no-deps (requirements-nodeps.txt)."""
+    found = re.findall(r'"--no-deps", ((?:"[^"]+"(?:, )?)+)\]', SETUP_CELL)
+    if len(found) != 1:
+        raise SystemExit(f"expected one --no-deps install in the setup cell, found {found!r}")
+    return re.findall(r'"([^"]+)"', found[0])
+
+
 class _Handler(http.server.SimpleHTTPRequestHandler):
     served: list[str] = []
 
@@ -92,6 +100,7 @@ def main(argv: list[str]) -> int:
     requirement = setup_requirement()
     print(f"setup cell installs: {requirement}", flush=True)
     run([*pip, requirement])
+    run([*pip, "--no-deps", *setup_nodeps()])
 
     for path in selected:
         dest = book / path.relative_to(ROOT / "book")

