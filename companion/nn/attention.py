@@ -84,6 +84,20 @@ def _check_mask(mask: torch.Tensor, target: tuple[int, ...]) -> None:
         raise ValueError(f"mask of shape {shape} does not broadcast to the scores' shape (B, H, T, S) = {target}")
 
 
+def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[int, int, int, int, int, int]:
+    """Validate q (B, H, T, D), k (B, G, S, D), v (B, G, S, Dv) with G dividing H; return (B, H, T, D, G, S)."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        shapes = f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        raise ValueError(f"q, k, v must be 4-D (B, H, T, D), got shapes {shapes}")
+    b, h, t, d = q.shape
+    g, s = k.shape[1], k.shape[2]
+    if k.shape[0] != b or v.shape[0] != b or v.shape[1] != g or v.shape[2] != s or k.shape[3] != d:
+        raise ValueError(f"incompatible q, k, v shapes {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if h % g != 0:
+        raise ValueError(f"number of query heads must be a multiple of key/value heads, got H={h} and G={g}")
+    return b, h, t, d, g, s
+
+
 def scaled_dot_product_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -105,15 +119,7 @@ def scaled_dot_product_attention(
     are all masked give zero output, as in PyTorch. Returns (B, H, T, Dv), and the (B, H, T, S) weights if asked
     (math backend only).
     """
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        shapes = f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
-        raise ValueError(f"q, k, v must be 4-D (B, H, T, D), got shapes {shapes}")
-    b, h, t, d = q.shape
-    g, s = k.shape[1], k.shape[2]
-    if k.shape[0] != b or v.shape[0] != b or v.shape[1] != g or v.shape[2] != s or k.shape[3] != d:
-        raise ValueError(f"incompatible q, k, v shapes {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    if h % g != 0:
-        raise ValueError(f"number of query heads must be a multiple of key/value heads, got H={h} and G={g}")
+    b, h, t, d, g, s = check_qkv(q, k, v)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
     if backend not in ("math", "torch"):

@@ -24,6 +24,8 @@ from einops import reduce, repeat
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from companion.nn.attention import check_qkv
+
 
 def _check_block(name: str, size: int) -> None:
     if not isinstance(size, int) or size < 1:
@@ -85,15 +87,7 @@ def _prepare(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, float]:
     """Validate the arguments of `tiled_attention`; return k, v repeated to H heads, the mask expanded to
     (B, H, T, S) (a view) and the scale."""
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        shapes = f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
-        raise ValueError(f"q, k, v must be 4-D (B, H, T, D), got shapes {shapes}")
-    b, h, t, d = q.shape
-    g, s = k.shape[1], k.shape[2]
-    if k.shape[0] != b or v.shape[0] != b or v.shape[1] != g or v.shape[2] != s or k.shape[3] != d:
-        raise ValueError(f"incompatible q, k, v shapes {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    if h % g != 0:
-        raise ValueError(f"number of query heads must be a multiple of key/value heads, got H={h} and G={g}")
+    b, h, t, d, g, s = check_qkv(q, k, v)
     _check_block("block_q", block_q)
     _check_block("block_k", block_k)
     if is_causal and s < t:
