@@ -1,2 +1,6 @@
 """Fine-tuning (chapter 8): sequence classification with early stopping, LoRA, instruction tuning (SFT),
 preference tuning (DPO) and RL with verifiable rewards (GRPO). One module per idea."""
+
+from companion.finetuning.lora import (LoRAConfig, LoRALinear, apply_lora, count_trainable, load_lora, lora_layers,
+                                       lora_state_dict, merge_lora, read_lora_config, save_lora, unload_lora,
+                                       unmerge_lora)
