@@ -3,7 +3,8 @@
 References: the C ~= 6ND rule and FLOPs per token from Kaplan et al. 2020 ("Scaling Laws for Neural
 Language Models", Table 1); the compute-optimal split and the fitted loss law
 L(N, D) = E + A / N**alpha + B / D**beta from Hoffmann et al. 2022 ("Training Compute-Optimal Large
-Language Models", Approach 3, eq. 10; the ~20 tokens per parameter of its Table 3).
+Language Models", Approach 3, eq. 10; the ~20 tokens per parameter of its Table 3), and the refit of the same
+law by Besiroglu et al. 2024 ("Chinchilla Scaling: A replication attempt", arXiv:2404.10102).
 Design: plain floats in, floats out (:func:`flops_per_token` also takes a model config, and then counts its
 parameters exactly); every count must be positive and finite, else ``ValueError``.
 """
@@ -119,6 +120,12 @@ class ChinchillaLaw:
     def hoffmann2022(cls) -> ChinchillaLaw:
         """The fit reported by Hoffmann et al. 2022 (Approach 3, Section 3.3)."""
         return cls(E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28)
+
+    @classmethod
+    def besiroglu2024(cls) -> ChinchillaLaw:
+        """The refit by Besiroglu et al. 2024 of Approach 3 on data reconstructed from Hoffmann et al.'s Figure 4:
+        alpha ~= beta, so N_opt and D_opt grow at nearly the same rate, as Hoffmann's Approaches 1 and 2 found."""
+        return cls(E=1.8172, A=482.01, B=2085.43, alpha=0.3478, beta=0.3658)
 
     def loss(self, n_params: float, n_tokens: float) -> float:
         """Predicted final training loss (nats per token) of N parameters trained on D tokens."""

@@ -56,6 +56,27 @@ def test_fitted_law_constants_and_exponents():
     assert a + b == pytest.approx(1.0)
 
 
+def test_replication_law_constants_and_tokens_per_parameter():
+    # Besiroglu et al. 2024 (arXiv:2404.10102), their refit of Approach 3: E=1.8172, A=482.01, B=2085.43,
+    # alpha=0.3478, beta=0.3658. Exponents a = 0.3658 / 0.7136 = 0.5126, b = 0.4874 (close to Approaches 1-2's 0.5).
+    law = ChinchillaLaw.besiroglu2024()
+    assert (law.E, law.A, law.B, law.alpha, law.beta) == (1.8172, 482.01, 2085.43, 0.3478, 0.3658)
+    a, b = law.exponents
+    assert a == pytest.approx(0.5126, abs=1e-4) and b == pytest.approx(0.4874, abs=1e-4)
+    # The paper's point: the refit's optimum at Chinchilla's budget is ~20 tokens per parameter (Approach 1's rule),
+    # while Hoffmann's rounded constants put it at ~90. G = (alpha A / (beta B))**(1/(alpha+beta)), by hand:
+    # 0.3478 * 482.01 / (0.3658 * 2085.43) = 167.64 / 762.85 = 0.21976; ** (1 / 0.7136) = exp(ln 0.21976 / 0.7136)
+    # = exp(-2.1229) = 0.11968. N_opt = G (C/6)**a with C/6 = 9.6e22.
+    c = 5.76e23
+    n_opt, d_opt = law.compute_optimal(c)
+    g = (0.3478 * 482.01 / (0.3658 * 2085.43)) ** (1 / 0.7136)
+    assert g == pytest.approx(0.11968, rel=1e-3)
+    assert n_opt == pytest.approx(g * (c / 6) ** (0.3658 / 0.7136), rel=1e-12)
+    assert 15 < d_opt / n_opt < 30
+    n_h, d_h = ChinchillaLaw.hoffmann2022().compute_optimal(c)
+    assert d_h / n_h > 60  # the rounded published constants favour far more data per parameter
+
+
 def test_fitted_law_loss_by_hand():
     # L(70e9, 1.4e12) = 1.69 + 406.4 / exp(0.34 ln 7e10) + 410.7 / exp(0.28 ln 1.4e12)
     #                 = 1.69 + 406.4 / 4867.9 + 410.7 / 2517.2 = 1.69 + 0.08349 + 0.16316 = 1.93665
@@ -146,6 +167,17 @@ def test_llm_timeline_is_sourced_and_consistent():
     assert training_flops(float(gpt3["parameters"]), float(gpt3["training_tokens"])) == pytest.approx(3.14e23, rel=0.01)
     assert float(by_name["Chinchilla"]["training_tokens"]) / float(by_name["Chinchilla"]["parameters"]) == 20.0
     assert by_name["GPT-4"]["parameters"] == by_name["GPT-4"]["training_tokens"] == ""  # undisclosed: blank
+    for row in rows:
+        assert row["data"] in {"open", "partial", "closed"}, row["model"]
+        if row["data"] == "open":  # open data without open weights would make no "fully open" model
+            assert row["weights"] == "open", row["model"]
+        if row["active_parameters"]:  # only mixture-of-experts rows, each with fewer active than total parameters
+            assert row["architecture"] == "decoder-moe", row["model"]
+            assert float(row["active_parameters"]) < float(row["parameters"]), row["model"]
+    assert by_name["OLMo-2-13B"]["data"] == "open"  # weights, code and training data released
+    # Grattafiori et al. 2024: Llama 3.1 405B, 15.6T tokens, 3.8e25 FLOPs reported; 6ND = 3.79e25 (0.3% below)
+    llama = by_name["Llama-3.1-405B"]
+    assert training_flops(float(llama["parameters"]), float(llama["training_tokens"])) == pytest.approx(3.8e25, rel=0.01)
 
 
 def test_flops_per_token_options_add_the_head_and_the_full_attention_term():
