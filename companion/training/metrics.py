@@ -34,7 +34,7 @@ class History:
 
     @property
     def best_val_loss(self) -> float:
-        return min((row["val_loss"] for row in self.eval), default=math.inf)
+        return min((row["val_loss"] for row in self.eval if "val_loss" in row), default=math.inf)
 
 
 class ProgressBar:
@@ -79,9 +79,9 @@ def plot_history(history: History, title: str = "训练曲线", ax=None):
         fig = ax.figure
     if history.train:
         ax.plot([r["step"] for r in history.train], history.losses(), lw=1, alpha=0.8, label="训练损失")
-    if history.eval:
-        ax.plot([r["step"] for r in history.eval], [r["val_loss"] for r in history.eval], "o-", ms=4,
-                label="验证损失")
+    evals = [r for r in history.eval if "val_loss" in r]  # an eval_fn-only run reports other metrics
+    if evals:
+        ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", ms=4, label="验证损失")
     ax.set_xlabel("优化步数")
     ax.set_ylabel("交叉熵（nats/词元）")
     ax.set_title(title)

@@ -30,6 +30,7 @@ from companion.training.metrics import History, ProgressBar, plot_history
 from companion.training.optim import OptimizerConfig, build_optimizer, lr_at, set_lr
 
 LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]  # (model, batch) -> scalar mean loss
+EvalFn = Callable[[nn.Module], dict[str, float]]  # (model in eval mode) -> named metrics, e.g. {"f1": 0.83}
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,10 @@ class TrainConfig:
     eval_every: int = 0  # evaluate every this many steps (0: only at the end)
     eval_batches: int | None = None  # at most this many validation batches per evaluation (None: all)
     patience: int | None = None  # early stopping: stop after this many evaluations without improvement
-    min_delta: float = 0.0  # an improvement must lower the validation loss by more than this
+    min_delta: float = 0.0  # an improvement must beat the best value of `metric` by more than this
+    metric: str = "val_loss"  # evaluation result watched by early stopping and restore_best (e.g. an eval_fn's "f1")
+    mode: str = "min"  # "min": lower `metric` is better; "max": higher is better (accuracy, F1)
+    restore_best: bool = False  # at the end, put back the weights of the evaluation with the best `metric`
     checkpoint_every: int = 0  # save every this many steps (0: only at the end, if out_dir is set)
     keep_checkpoints: int = 1  # newest checkpoints kept on disk
     out_dir: str | None = None  # run directory: checkpoints, metrics.json, loss_curve.png
@@ -76,6 +80,10 @@ class TrainConfig:
             raise ValueError(f"max_grad_norm must be positive or None, got {self.max_grad_norm!r}")
         if self.patience is not None and self.patience < 1:
             raise ValueError(f"patience must be a positive int or None, got {self.patience!r}")
+        if self.mode not in ("min", "max"):
+            raise ValueError(f"mode must be 'min' or 'max', got {self.mode!r}")
+        if not (self.min_delta >= 0 and math.isfinite(self.min_delta)):
+            raise ValueError(f"min_delta must be a finite number >= 0, got {self.min_delta!r}")
         if not (self.z_loss >= 0 and math.isfinite(self.z_loss)):
             raise ValueError(f"z_loss must be a finite number >= 0, got {self.z_loss!r}")
         if self.parallel not in distributed.PARALLEL:
@@ -103,12 +111,17 @@ class Trainer:
 
     ``module`` is the model itself (its weights are what checkpoints hold); ``model`` is what the loop calls: the same
     object, its DDP wrapper, or the ``torch.compile`` of either.
+
+    ``eval_fn(model) -> dict`` adds metrics of its own to each evaluation (validation accuracy, macro-F1…; called
+    with the model in eval mode, under ``no_grad`` and the evaluation's forked RNG). Early stopping watches
+    ``config.metric`` (``"val_loss"`` by default) in direction ``config.mode``; ``best_step`` is the step of the best
+    evaluation, and with ``config.restore_best`` the weights of that step are put back when ``fit`` ends.
     """
 
     def __init__(self, model: nn.Module, config: TrainConfig, train_data: Sequence, collate_fn: Callable,
                  loss_fn: LossFn, eval_data: Sequence | None = None, precision: Precision | None = None,
-                 scaler_init: float = 2.0**16) -> None:
-        self.config, self.train_data, self.eval_data = config, train_data, eval_data
+                 scaler_init: float = 2.0**16, eval_fn: EvalFn | None = None) -> None:
+        self.config, self.train_data, self.eval_data, self.eval_fn = config, train_data, eval_data, eval_fn
         self.collate_fn, self.loss_fn = collate_fn, loss_fn
         precision = precision or choose_precision(config.device, config.precision)
         self.dist = distributed.init_distributed(config.parallel, precision.device)
@@ -129,7 +142,9 @@ class Trainer:
         self.step = 0  # optimizer steps taken
         self.tokens = 0  # input tokens seen
         self.history = History()
-        self.best_val_loss, self.bad_evals = math.inf, 0  # early-stopping state
+        self.best_metric, self.bad_evals = (math.inf if config.mode == "min" else -math.inf), 0  # early stopping
+        self.best_step: int | None = None  # step of the best evaluation so far
+        self.best_weights: dict[str, torch.Tensor] | None = None  # its weights (CPU copies), with restore_best
 
     def _grad_scaler(self, init_scale: float) -> torch.amp.GradScaler:
         enabled = self.precision.grad_scaler
@@ -191,15 +206,41 @@ class Trainer:
         total, tokens = self.dist.sum([total, float(tokens)], self.precision.device)
         return total / (len(batches) * self.dist.world_size), int(tokens)
 
+    @property
+    def best_val_loss(self) -> float:
+        """The best value of ``config.metric`` so far (the validation loss unless another metric is chosen)."""
+        return self.best_metric
+
+    @property
+    def evaluates(self) -> bool:
+        return bool(self.eval_data) or self.eval_fn is not None
+
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Mean validation loss (weighted by batch size) and its perplexity ``exp(loss)``.
+        """Mean validation loss (weighted by batch size) and its perplexity ``exp(loss)``, and whatever ``eval_fn``
+        returns (without eval_data, only the latter).
 
         Runs under a forked RNG seeded by ``config.seed``: random masks in an MLM collator are the same at every
         evaluation, and the training RNG stream is untouched (so evaluating does not change training).
         """
-        if not self.eval_data:
-            raise ValueError("evaluate() needs eval_data")
+        if not self.evaluates:
+            raise ValueError("evaluate() needs eval_data or an eval_fn")
+        result: dict[str, float] = {"step": self.step}
+        if self.eval_data:
+            result.update(self._validation_loss())
+        if self.eval_fn is not None:
+            self.model.eval()
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.config.seed)
+                extra = self.eval_fn(self.module)
+            self.model.train()
+            clash = sorted(set(extra) & set(result))
+            if clash:
+                raise ValueError(f"eval_fn returned keys the trainer already reports: {clash}")
+            result.update({k: float(v) for k, v in extra.items()})
+        return result
+
+    def _validation_loss(self) -> dict[str, float]:
         self.model.eval()
         B = self.config.batch_size * self.dist.world_size  # every rank evaluates the global batches, all of them
         n_batches = math.ceil(len(self.eval_data) / B)
@@ -215,7 +256,7 @@ class Trainer:
                 total, count = total + loss.item() * len(rows), count + len(rows)
         self.model.train()
         val_loss = total / count
-        return {"step": self.step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
+        return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
 
     # ------------------------------------------------------------------ the loop
     def fit(self, resume_from: str | Path | None = None, until: int | None = None) -> History:
@@ -232,14 +273,16 @@ class Trainer:
             self.history.train.append(record)
             bar.update(self.step, loss=record["loss"], lr=record["lr"])
             last = self.step == cfg.max_steps
-            if self.eval_data and ((cfg.eval_every and self.step % cfg.eval_every == 0) or last):
+            if self.evaluates and ((cfg.eval_every and self.step % cfg.eval_every == 0) or last):
                 result = self.evaluate()  # every rank evaluates all of eval_data (FSDP needs all ranks in forward)
                 self.history.eval.append(result)
-                bar.write(f"step {self.step}: val_loss {result['val_loss']:.4f}, ppl {result['val_ppl']:.2f}")
-                stopped_early = self._early_stop(result["val_loss"])
+                bar.write(f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items() if k != "step"))
+                stopped_early = self._early_stop(result)
             if cfg.out_dir and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                 self.save()
         bar.close()
+        if cfg.restore_best and self.best_weights is not None and self.best_step != self.step:
+            self._load_weights(self.best_weights)
         if cfg.out_dir:
             self.save()
             if self.dist.is_main:
@@ -260,12 +303,37 @@ class Trainer:
         fig.savefig(path)
         plt.close(fig)
 
-    def _early_stop(self, val_loss: float) -> bool:
-        if val_loss < self.best_val_loss - self.config.min_delta:
-            self.best_val_loss, self.bad_evals = val_loss, 0
+    def _early_stop(self, result: dict[str, float]) -> bool:
+        """Track the best ``config.metric``; True once ``patience`` evaluations in a row did not improve it."""
+        cfg = self.config
+        if cfg.metric not in result:
+            raise ValueError(f"metric {cfg.metric!r} is not among the evaluation results "
+                             f"{sorted(k for k in result if k != 'step')}")
+        value = result[cfg.metric]
+        sign = 1.0 if cfg.mode == "min" else -1.0  # compare sign * value: lower is better
+        if sign * value < sign * self.best_metric - cfg.min_delta:
+            self.best_metric, self.best_step, self.bad_evals = value, self.step, 0
+            if cfg.restore_best:
+                self.best_weights = self._weights_that_train()
         else:
             self.bad_evals += 1
-        return self.config.patience is not None and self.bad_evals >= self.config.patience
+        return cfg.patience is not None and self.bad_evals >= cfg.patience
+
+    def _weights_that_train(self) -> dict[str, torch.Tensor]:
+        """CPU copies of the weights training can change: the parameters that require grad, and the buffers (all
+        weights under FSDP). Frozen parameters (a LoRA base model) are left out: they are the same at every step."""
+        if self.dist.parallel == "fsdp":
+            return {k: v.detach().to("cpu", copy=True) for k, v in distributed.model_state(self.module).items()}
+        frozen = {n for n, p in self.module.named_parameters(remove_duplicate=False) if not p.requires_grad}
+        return {k: v.detach().to("cpu", copy=True) for k, v in self.module.state_dict().items() if k not in frozen}
+
+    def _load_weights(self, tensors: dict[str, torch.Tensor]) -> None:
+        if self.dist.parallel == "fsdp":
+            distributed.load_model_state(self.module, tensors)
+            return
+        result = self.module.load_state_dict(tensors, strict=False)
+        if result.unexpected_keys:
+            raise CheckpointError(f"best weights hold tensors the model lacks: {result.unexpected_keys[:8]}")
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, run_dir: str | Path | None = None) -> Path:
@@ -280,7 +348,9 @@ class Trainer:
         final = Path(run_dir) / f"step-{self.step:08d}"
         if self.dist.is_main:
             extra = {"config": asdict(self.config), "history": self.history.to_dict(), "tokens": self.tokens,
-                     "scaler": self.scaler.state_dict(), "early_stopping": (self.best_val_loss, self.bad_evals),
+                     "scaler": self.scaler.state_dict(),
+                     "early_stopping": (self.best_metric, self.bad_evals, self.best_step),
+                     "best_weights": self.best_weights,
                      "world_size": self.dist.world_size, "rank_rng": rngs}
             final = save_checkpoint(run_dir, weights, optimizer, self.step, extra, keep=self.config.keep_checkpoints)
         if self.dist.world_size > 1:
@@ -309,6 +379,9 @@ class Trainer:
         set_rng_state(rngs[self.dist.rank] if rngs and len(rngs) == world else state["rng"])
         self.step, self.tokens = state["step"], state["tokens"]
         self.history = History.from_dict(state["history"])
-        self.best_val_loss, self.bad_evals = state["early_stopping"]
+        early = state["early_stopping"]
+        self.best_metric, self.bad_evals = early[0], early[1]
+        self.best_step = early[2] if len(early) > 2 else None
+        self.best_weights = state.get("best_weights")
         if state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
