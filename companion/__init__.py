@@ -36,6 +36,10 @@ _LAZY = {
     # tokenization
     **dict.fromkeys(["CharTokenizer", "BPETokenizer", "load_gpt2_tokenizer", "gpt2_tiktoken_encoding",
                      "load_tokenizer"], "companion.tokenization"),
+    **dict.fromkeys(["WordPieceTokenizer", "UnigramTokenizer"], "companion.tokenization"),
+    # corpus hygiene: cleaning, MinHash-LSH near duplicates, quality rules, contamination
+    **dict.fromkeys(["MinHashConfig", "MinHasher", "near_duplicate_pairs", "QualityConfig", "quality_failures",
+                     "contamination"], "companion.dedup"),
     # pipeline
     **dict.fromkeys(["PackConfig", "tokenize_and_pack", "CausalLMCollator", "MaskedLMCollator", "PairCollator",
                      "make_dataloader"], "companion.pipeline"),
