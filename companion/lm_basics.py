@@ -144,6 +144,17 @@ class NGramLM:
         logp = sum(math.log(self.prob(padded[i], padded[i - n + 1 : i])) for i in range(n - 1, len(padded)))
         return logp, len(padded) - (n - 1)
 
+    def unk_rate(self, corpus: Iterable[Sequence[str]]) -> float:
+        """Fraction of the tokens of ``corpus`` (EOS excluded) outside the vocabulary, i.e. scored as UNK.
+
+        Perplexities are comparable only at the same vocabulary: a larger ``min_count`` maps more rare tokens to
+        the one UNK event, which is easier to predict than the tokens it replaces, so perplexity falls."""
+        self._check_fitted()
+        tokens = [t for sentence in corpus for t in sentence]
+        if not tokens:
+            raise ValueError("corpus is empty: the UNK rate is undefined")
+        return sum(t not in self._index for t in tokens) / len(tokens)
+
     def perplexity(self, corpus: Iterable[Sequence[str]]) -> float:
         """exp(-(1/N) sum log P(w_i | history)) over every predicted token (EOS included) of ``corpus``."""
         total_logp, total_n = 0.0, 0

@@ -41,6 +41,19 @@ def test_min_count_maps_rare_tokens_to_unk():
         NGramConfig(min_count=0)
 
 
+def test_unk_rate_and_its_effect_on_perplexity():
+    # Held-out "a b z z" has 4 tokens, "z" unseen: rate 2/4. With min_count=2, "b" is UNK too: 3/4.
+    held_out = [["a", "b", "z", "z"]]
+    assert bigram("add_k").unk_rate(held_out) == 0.5
+    lm2 = NGramLM(NGramConfig(order=2, smoothing="add_k", min_count=2)).fit(CORPUS)
+    assert lm2.unk_rate(held_out) == 0.75
+    # Merging b into UNK makes the held-out text *more* probable under add-1: b|a is 1/3 with V=4, while UNK|a
+    # is (1+1)/(2+3) = 2/5 with V=3; the coarser vocabulary lowers perplexity without a better model.
+    assert lm2.perplexity(held_out) < bigram("add_k").perplexity(held_out)
+    with pytest.raises(ValueError, match="corpus is empty: the UNK rate"):
+        lm2.unk_rate([[]])
+
+
 def test_add_one_bigram_by_hand():
     lm = bigram("add_k", k=1.0)
     # P(w | h) = (c(h, w) + 1) / (c(h) + V), c(h) = number of bigrams starting with h, V = 4.
