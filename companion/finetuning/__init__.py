@@ -4,3 +4,8 @@ preference tuning (DPO) and RL with verifiable rewards (GRPO). One module per id
 from companion.finetuning.lora import (LoRAConfig, LoRALinear, apply_lora, count_trainable, load_lora, lora_layers,
                                        lora_state_dict, merge_lora, read_lora_config, save_lora, unload_lora,
                                        unmerge_lora)
+from companion.finetuning.sft import (ChatTemplate, SFTConfig, SupervisionError, add_special_tokens, assistant_mask,
+                                      check_supervision, collate_sft, hf_chat_example, poetry_sft, sample_completions,
+                                      sft_example, sft_loss, train_sft)
+from companion.finetuning.tasks import (FORM_PROMPTS, FormTask, PreferencePair, break_form, follows_form, form_tasks,
+                                        preference_pairs)
