@@ -1,6 +1,10 @@
 """Fine-tuning (chapter 8): sequence classification with early stopping, LoRA, instruction tuning (SFT),
 preference tuning (DPO) and RL with verifiable rewards (GRPO). One module per idea."""
 
+from companion.finetuning.classification import (ClassificationCollator, ClassifierConfig, SequenceClassifier,
+                                                 accuracy_and_macro_f1, classification_eval_fn,
+                                                 classification_loss, classifier_state_dict, load_classifier,
+                                                 predict, read_classifier_config, save_classifier)
 from companion.finetuning.lora import (LoRAConfig, LoRALinear, apply_lora, count_trainable, load_lora, lora_layers,
                                        lora_state_dict, merge_lora, read_lora_config, save_lora, unload_lora,
                                        unmerge_lora)

@@ -99,8 +99,12 @@ class GPT(nn.Module):
         return None if self.config.moe is None else MoE(self.config.d_model, self.config.moe)
 
     def forward(self, idx: torch.Tensor, kv_caches: Sequence[KVCacheLike] | None = None) -> torch.Tensor:
+        return self.lm_head(self.features(idx, kv_caches))  # (B, T, V)
+
+    def features(self, idx: torch.Tensor, kv_caches: Sequence[KVCacheLike] | None = None) -> torch.Tensor:
+        """Final hidden states (B, T, C), after the last norm and before the LM head (for classifiers)."""
         offset = start_position(idx, kv_caches, self.config.n_ctx)
         x = self.drop(self.pos_emb(self.tok_emb(idx), offset=offset))  # (B, T, C)
         for i, block in enumerate(self.blocks):
             x = block(x, kv_cache=None if kv_caches is None else kv_caches[i])  # (B, T, C)
-        return self.lm_head(self.norm(x))  # (B, T, V)
+        return self.norm(x)  # (B, T, C)

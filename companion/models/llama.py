@@ -108,3 +108,11 @@ class Llama(nn.Module):
         for i, block in enumerate(self.blocks):
             x = block(x, kv_cache=None if kv_caches is None else kv_caches[i])  # (B, T, C)
         return self.lm_head(self.norm(x))  # (B, T, V)
+
+    def features(self, idx: torch.Tensor, kv_caches: Sequence[KVCacheLike] | None = None) -> torch.Tensor:
+        """Final hidden states (B, T, C): ``forward`` without the LM head (for classifiers and pooled features)."""
+        start_position(idx, kv_caches, self.config.n_ctx)
+        x = self.tok_emb(idx)  # (B, T, C)
+        for i, block in enumerate(self.blocks):
+            x = block(x, kv_cache=None if kv_caches is None else kv_caches[i])  # (B, T, C)
+        return self.norm(x)  # (B, T, C)
