@@ -64,6 +64,11 @@ _LAZY = {
     **dict.fromkeys(["Trainer", "TrainConfig", "OptimizerConfig", "lr_at", "build_optimizer", "save_checkpoint",
                      "load_checkpoint", "History", "plot_history", "MemoryEstimate", "estimate_memory",
                      "memory_table", "format_gib"], "companion.training"),
+    # fine-tuning: LoRA and sequence classification
+    **dict.fromkeys(["LoRAConfig", "LoRALinear", "apply_lora", "merge_lora", "unmerge_lora", "unload_lora",
+                     "save_lora", "load_lora", "SequenceClassifier", "ClassifierConfig", "ClassificationCollator",
+                     "classification_loss", "classification_eval_fn", "save_classifier", "load_classifier"],
+                    "companion.finetuning"),
     "load_pretrained": "companion.training.recipes",
     "CheckpointError": "companion.errors",
     "load_hf_model": "companion.models",  # alias of companion.models.from_pretrained
