@@ -13,3 +13,7 @@ from companion.finetuning.sft import (ChatTemplate, SFTConfig, SupervisionError,
                                       sft_example, sft_loss, train_sft)
 from companion.finetuning.tasks import (FORM_PROMPTS, FormTask, PreferencePair, break_form, follows_form, form_tasks,
                                         preference_pairs)
+from companion.finetuning.dpo import (DPOConfig, DPOOutput, collate_pairs, dpo_loss, evaluate_pairs, pair_logprobs,
+                                      sequence_logprobs, train_dpo, trl_dpo_loss)
+from companion.finetuning.grpo import (GRPOConfig, GRPOOutput, group_advantages, grpo_loss, k3_kl, token_logprobs,
+                                       train_grpo)
