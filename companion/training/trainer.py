@@ -306,6 +306,8 @@ class Trainer:
     def _early_stop(self, result: dict[str, float]) -> bool:
         """Track the best ``config.metric``; True once ``patience`` evaluations in a row did not improve it."""
         cfg = self.config
+        if cfg.metric not in result and cfg.patience is None and not cfg.restore_best:
+            return False  # nothing depends on it (e.g. an eval_fn-only run with the default metric "val_loss")
         if cfg.metric not in result:
             raise ValueError(f"metric {cfg.metric!r} is not among the evaluation results "
                              f"{sorted(k for k in result if k != 'step')}")

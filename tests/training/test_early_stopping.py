@@ -141,7 +141,11 @@ def test_errors():
     with pytest.raises(ValueError, match="min_delta must be"):
         replace(BASE, min_delta=-0.1)
     with pytest.raises(ValueError, match=r"metric 'f1' is not among the evaluation results \['val_loss', 'val_ppl'\]"):
-        make(replace(BASE, metric="f1"), eval_data=data(12, seed=1)).fit()
+        make(replace(BASE, metric="f1", patience=3), eval_data=data(12, seed=1)).fit()
+    with pytest.raises(ValueError, match=r"metric 'val_loss' is not among the evaluation results \['f1', 'other'\]"):
+        make(replace(BASE, restore_best=True), eval_fn=Scripted({1: 0.5})).fit()
+    quiet = make(replace(BASE, max_steps=2), eval_fn=Scripted({1: 0.5, 2: 0.6}))  # nothing watches the metric
+    assert len(quiet.fit().eval) == 2 and quiet.best_step is None
     with pytest.raises(ValueError, match=r"eval_fn returned keys the trainer already reports: \['val_loss'\]"):
         make(BASE, eval_data=data(12, seed=1), eval_fn=lambda m: {"val_loss": 0.0}).fit()
     with pytest.raises(ValueError, match="needs eval_data or an eval_fn"):
