@@ -127,11 +127,14 @@ class DPOConfig:
     steps: int = 60  # optimizer steps
     batch_size: int = 16  # preference pairs per step
     lr: float = 1e-4  # learning rate
+    sft_weight: float = 0.0  # alpha: + alpha * per-token NLL of the chosen answers (RPO, Pang et al., 2024)
     seed: int = 0  # order of the pairs
 
     def __post_init__(self) -> None:
         if not self.beta > 0 or not self.lr > 0:
             raise ValueError(f"beta and lr must be > 0, got beta={self.beta!r}, lr={self.lr!r}")
+        if self.sft_weight < 0:
+            raise ValueError(f"sft_weight must be >= 0, got {self.sft_weight!r}")
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError(f"steps and batch_size must be >= 1, got {self.steps!r}, {self.batch_size!r}")
 
@@ -142,8 +145,9 @@ METRICS = ("loss", "accuracy", "margin", "chosen_reward", "rejected_reward", "ch
 def train_dpo(policy: nn.Module, chosen: Sequence[dict[str, list[int]]], rejected: Sequence[dict[str, list[int]]],
               pad_id: int, config: DPOConfig, reference: nn.Module | None = None) -> dict[str, list[float]]:
     """Train ``policy`` with DPO on the pairs ``(chosen[i], rejected[i])``; ``reference`` defaults to a frozen
-    copy of ``policy`` as it is now. Returns every step's metrics (:data:`METRICS`, means over the batch;
-    log-probabilities are the policy's, summed over the response)."""
+    copy of ``policy`` as it is now. With ``config.sft_weight`` > 0 the loss adds that multiple of the chosen
+    responses' per-token NLL (RPO). Returns every step's metrics (:data:`METRICS`, means over the batch; ``loss`` is
+    the DPO term alone; log-probabilities are the policy's, summed over the response)."""
     if len(chosen) != len(rejected) or not chosen:
         raise ValueError(f"need as many chosen as rejected rows (> 0), got {len(chosen)} and {len(rejected)}")
     reference = reference if reference is not None else copy.deepcopy(policy)
@@ -162,8 +166,12 @@ def train_dpo(policy: nn.Module, chosen: Sequence[dict[str, list[int]]], rejecte
             ref_c, ref_r = pair_logprobs(reference, batch)
         pol_c, pol_r = pair_logprobs(policy, batch)
         out = dpo_loss(pol_c, pol_r, ref_c, ref_r, config.beta)
+        loss = out.loss
+        if config.sft_weight:  # the chosen responses' negative log-likelihood per token keeps them likely
+            n_chosen = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(-1).chunk(2)[0]  # (B,)
+            loss = loss + config.sft_weight * (-pol_c / n_chosen).mean()
         opt.zero_grad(set_to_none=True)
-        out.loss.backward()
+        loss.backward()
         opt.step()
         for key, value in (("loss", out.loss.item()), ("accuracy", out.accuracy),
                            ("margin", out.margins.mean().item()), ("chosen_reward", out.chosen_rewards.mean().item()),

@@ -86,3 +86,15 @@ def test_train_dpo_improves_accuracy_and_evaluates():
         train_dpo(model, chosen, rejected[:1], 0, DPOConfig())
     with pytest.raises(ValueError, match="beta and lr must be > 0"):
         DPOConfig(beta=-1)
+
+
+def test_sft_weight_keeps_the_chosen_answers_more_likely():
+    runs = {}
+    for alpha in (0.0, 1.0):
+        model, chosen, rejected = toy()
+        ref = copy.deepcopy(model)
+        train_dpo(model, chosen, rejected, 0, DPOConfig(steps=10, batch_size=2, lr=1e-2, beta=0.5, sft_weight=alpha))
+        runs[alpha] = evaluate_pairs(model, ref, chosen, rejected, 0, beta=0.5)["chosen_logp"]
+    assert runs[1.0] > runs[0.0] + 0.1
+    with pytest.raises(ValueError, match="sft_weight must be >= 0"):
+        DPOConfig(sft_weight=-1)
