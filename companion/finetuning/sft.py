@@ -238,6 +238,18 @@ def sample_completions(model: nn.Module, start_ids: Sequence[int], n: int, max_n
     return [row[:row.index(eos_id) + 1] if eos_id in row else row for row in rows]
 
 
+def sample_answers(model: nn.Module, tokenizer: CharTokenizer, template: ChatTemplate, prompt: str, n: int,
+                   seed: int = 0, max_new_tokens: int = 40) -> list[str]:
+    """``n`` answers of ``model`` to ``prompt`` in ``template``'s format, decoded without the end token. Sampled
+    from a float64 copy of the model (:func:`sample_completions`), so the answers are the same on every CPU."""
+    import copy
+
+    model64 = copy.deepcopy(model).double()
+    eos = tokenizer.token_id(template.eos)
+    outs = sample_completions(model64, template.prompt_ids(tokenizer, prompt), n, max_new_tokens, eos, seed=seed)
+    return [tokenizer.decode([i for i in o if i != eos]) for o in outs]
+
+
 def sft_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean next-token cross-entropy over the supervised (assistant) tokens of ``batch``."""
     return causal_lm_loss(model(batch["input_ids"]), batch["labels"])  # logits (B, T, V)

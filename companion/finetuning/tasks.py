@@ -12,6 +12,7 @@ short (at most 35 characters) so that prompt + answer fit ``tang_gpt``'s 64-toke
 
 from __future__ import annotations
 
+import math
 import random
 import re
 from collections.abc import Sequence
@@ -114,3 +115,14 @@ def preference_pairs(tasks: Sequence[FormTask], seed: int = 0) -> list[Preferenc
         assert not follows_form(rejected, task.form), rejected  # break_form's contract
         pairs.append(PreferencePair(task.prompt, task.response, rejected, task.form))
     return pairs
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    """Wilson's (1927) score interval for a success rate ``successes / n`` (default z: 95 %). Unlike the normal
+    approximation it stays inside [0, 1] and is sensible at rates near 0 or 1."""
+    if n < 1 or not 0 <= successes <= n:
+        raise ValueError(f"need n >= 1 and 0 <= successes <= n, got successes={successes!r}, n={n!r}")
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)

@@ -120,3 +120,15 @@ def test_smollm2_chat_template_assistant_span_is_found():
                             start="<|assistant|>")  # a marker of another template
     with pytest.raises(SupervisionError, match="only 0 of"):
         check_supervision(torch.tensor([wrong["labels"]]))
+
+
+def test_sample_answers_decodes_without_the_end_token():
+    from companion.finetuning.sft import sample_answers
+
+    model, tok = tiny()
+    model, tok = add_special_tokens(model, tok, ChatTemplate().new_tokens)
+    tpl = ChatTemplate()
+    rows = [sft_example(tpl.encode(tok, "写一首五言绝句", "白日依山尽，黄河入海流。"), *tpl.markers(tok))]
+    train_sft(model, rows, 0, SFTConfig(steps=100, batch_size=2, lr=1e-2, warmup=0))
+    assert sample_answers(model, tok, tpl, "写一首五言绝句", n=2, max_new_tokens=13) == ["白日依山尽，黄河入海流。"] * 2
+    assert model.tok_emb.weight.dtype == torch.float32  # sampled from a copy

@@ -65,3 +65,20 @@ def test_preference_pairs(validation):
     for p, t in zip(pairs, tasks):
         assert p.chosen == t.response and follows_form(p.chosen, p.form) and not follows_form(p.rejected, p.form)
     assert pairs == preference_pairs(tasks, seed=0)
+
+
+@pytest.mark.parametrize("k, n", [(0, 10), (3, 10), (163, 200), (200, 200)])
+def test_wilson_interval_equals_scipy(k, n):
+    from scipy.stats import binomtest
+
+    from companion.finetuning.tasks import wilson_interval
+
+    ci = binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
+    assert wilson_interval(k, n) == pytest.approx((ci.low, ci.high), abs=1e-12)
+
+
+def test_wilson_interval_errors():
+    from companion.finetuning.tasks import wilson_interval
+
+    with pytest.raises(ValueError, match="successes=11, n=10"):
+        wilson_interval(11, 10)
