@@ -186,9 +186,9 @@ class QualityConfig:
 
     min_chars: int = 10  # fewer non-space characters: too short to be a document
     max_chars: int = 100_000  # more: likely a dump, not a document
-    max_symbol_ratio: float = 0.3  # share of characters that are neither letters nor digits nor spaces
+    max_symbol_ratio: float = 0.4  # share of characters neither letters nor digits (3-character verse lines: 1/3)
     max_duplicate_line_fraction: float = 0.3  # share of lines that repeat an earlier line (Gopher: 0.3)
-    max_top_ngram_fraction: float = 0.2  # share of characters covered by the most frequent n-gram (Gopher 2-gram: 0.2)
+    max_top_ngram_fraction: float = 0.2  # share of characters in the most frequent repeated n-gram (Gopher 2-gram: 0.2)
     top_ngram: int = 2  # n of that rule
     min_distinct_char_ratio: float = 0.1  # distinct / all characters; lower means one character repeated
 
@@ -216,7 +216,8 @@ def quality_signals(text: str, n: int = 2) -> dict[str, float]:
         seen.add(line)
     body = "".join(chars)
     grams = Counter(body[i:i + n] for i in range(len(body) - n + 1))
-    top = grams.most_common(1)[0][1] * n / len(body) if grams else 0.0
+    count = grams.most_common(1)[0][1] if grams else 0
+    top = count * n / len(body) if count > 1 else 0.0  # an n-gram seen once is no repetition (short texts)
     return {
         "chars": float(len(chars)),
         "symbol_ratio": symbols / len(chars) if chars else 0.0,

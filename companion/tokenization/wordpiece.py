@@ -19,13 +19,19 @@ import regex
 from companion.tokenization.base import Tokenizer, check_text
 
 _PUNCT = r"\p{P}\x21-\x2f\x3a-\x40\x5b-\x60\x7b-\x7e"  # BERT's punctuation: Unicode P* and all ASCII symbols
+# BERT's _is_chinese_char blocks: CJK Unified Ideographs (+ extensions A-E) and compatibility ideographs
+_CJK = (r"\u4e00-\u9fff\u3400-\u4dbf\U00020000-\U0002a6df\U0002a700-\U0002b73f\U0002b740-\U0002b81f"
+        r"\U0002b820-\U0002ceaf\uf900-\ufaff\U0002f800-\U0002fa1f")
 BERT_PATTERN = rf"[^\s{_PUNCT}]+|[{_PUNCT}]"
+BERT_CJK_PATTERN = rf"[{_CJK}]|[^\s{_PUNCT}{_CJK}]+|[{_PUNCT}]"
 PREFIX = "##"  # marks a piece that continues a word
 
 
-def pretokenize(text: str) -> list[str]:
-    """BERT's split: runs of non-space, non-punctuation characters, and single punctuation characters."""
-    return regex.findall(BERT_PATTERN, check_text(text))
+def pretokenize(text: str, split_cjk: bool = False) -> list[str]:
+    """BERT's split: runs of non-space, non-punctuation characters, and single punctuation characters; with
+    ``split_cjk`` every CJK ideograph is a word of its own (BERT's ``tokenize_chinese_chars``, as in the
+    Chinese BERT models, so Chinese is tokenized character by character)."""
+    return regex.findall(BERT_CJK_PATTERN if split_cjk else BERT_PATTERN, check_text(text))
 
 
 class WordPieceTokenizer(Tokenizer):
@@ -34,7 +40,7 @@ class WordPieceTokenizer(Tokenizer):
     kind = "wordpiece"
 
     def __init__(self, vocab: Sequence[str], unk_token: str = "[UNK]", special_tokens: Sequence[str] = (),
-                 max_input_chars_per_word: int = 100) -> None:
+                 max_input_chars_per_word: int = 100, split_cjk: bool = False) -> None:
         if len(set(vocab)) != len(vocab):
             raise ValueError("vocab entries must be distinct")
         if unk_token not in vocab:
@@ -47,6 +53,7 @@ class WordPieceTokenizer(Tokenizer):
         self.vocab = list(vocab)
         self.index = {t: i for i, t in enumerate(self.vocab)}
         self.unk_token, self.max_input_chars_per_word = unk_token, max_input_chars_per_word
+        self.split_cjk = split_cjk  # every CJK ideograph a word of its own (Chinese BERT)
         self.special_tokens = {t: self.index[t] for t in dict.fromkeys([unk_token, *special_tokens])}
         self.max_len = max(len(t) for t in self.vocab)
 
@@ -72,7 +79,7 @@ class WordPieceTokenizer(Tokenizer):
         return pieces
 
     def tokenize(self, text: str) -> list[str]:
-        return [p for w in pretokenize(text) for p in self.tokenize_word(w)]
+        return [p for w in pretokenize(text, self.split_cjk) for p in self.tokenize_word(w)]
 
     def encode(self, text: str) -> list[int]:
         return [self.index[p] for p in self.tokenize(text)]
@@ -91,12 +98,12 @@ class WordPieceTokenizer(Tokenizer):
 
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int, special_tokens: Sequence[str] = ("[UNK]",),
-              unk_token: str = "[UNK]", min_frequency: int = 1) -> WordPieceTokenizer:
+              unk_token: str = "[UNK]", min_frequency: int = 1, split_cjk: bool = False) -> WordPieceTokenizer:
         """Learn a vocabulary of at most ``vocab_size`` entries (special tokens first, then the alphabet, then
         merged pieces) by repeatedly merging the pair with the highest ``count(ab) / (count(a) count(b))``;
         ties go to the lexicographically smallest pair, so the result is deterministic."""
         specials = list(dict.fromkeys([unk_token, *special_tokens]))
-        words = Counter(w for t in texts for w in pretokenize(t))
+        words = Counter(w for t in texts for w in pretokenize(t, split_cjk))
         if not words:
             raise ValueError("cannot train a tokenizer on an empty corpus")
         splits = [[w[0]] + [PREFIX + c for c in w[1:]] for w in words]
@@ -148,23 +155,27 @@ class WordPieceTokenizer(Tokenizer):
             if merged not in known:
                 known.add(merged)
                 vocab.append(merged)
-        return cls(vocab, unk_token, specials)
+        return cls(vocab, unk_token, specials, split_cjk=split_cjk)
 
     # -------------------------------------------------------------- interop and persistence
     def to_hf(self):
         """The same vocabulary as a ``tokenizers.Tokenizer`` (WordPiece model, BERT pre-tokenizer)."""
         from tokenizers import Tokenizer as HFTokenizer
-        from tokenizers import models, pre_tokenizers
+        from tokenizers import models, normalizers, pre_tokenizers
 
         hf = HFTokenizer(models.WordPiece(self.index, unk_token=self.unk_token,
                                           max_input_chars_per_word=self.max_input_chars_per_word))
+        if self.split_cjk:  # only the CJK spacing of BertNormalizer: no cleaning, accents or lowercasing
+            hf.normalizer = normalizers.BertNormalizer(clean_text=False, handle_chinese_chars=True,
+                                                       strip_accents=False, lowercase=False)
         hf.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
         return hf
 
     def to_dict(self) -> dict:
         return {"vocab": self.vocab, "unk_token": self.unk_token, "special_tokens": list(self.special_tokens),
-                "max_input_chars_per_word": self.max_input_chars_per_word}
+                "max_input_chars_per_word": self.max_input_chars_per_word, "split_cjk": self.split_cjk}
 
     @classmethod
     def from_dict(cls, state: dict) -> WordPieceTokenizer:
-        return cls(state["vocab"], state["unk_token"], state["special_tokens"], state["max_input_chars_per_word"])
+        return cls(state["vocab"], state["unk_token"], state["special_tokens"], state["max_input_chars_per_word"],
+                   state.get("split_cjk", False))

@@ -43,6 +43,18 @@ def test_encoding_equals_tokenizers_on_its_own_trained_vocab(corpus):
         assert hf.encode(text).ids == ours.encode(text), text
 
 
+def test_split_cjk_equals_bert_normalizer_and_pretokenizer():
+    from companion.data import load_tang_poems
+
+    poems = load_tang_poems()["text"][:150]
+    tok = WordPieceTokenizer.train(poems + ["To be, or not to be: that is the question."] * 3, 3000, split_cjk=True)
+    assert all(not p.startswith("##") or not "\u4e00" <= p[2] <= "\u9fff" for p in tok.vocab)  # no CJK inside words
+    hf = tok.to_hf()
+    for text in load_tang_poems()["text"][300:340] + EXTRA + ["BERT 的中文模型按字切分：龘𠀀"]:
+        assert hf.encode(text).ids == tok.encode(text), text
+    assert tok.tokenize("明月光") == ["明", "月", "光"]
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.text(max_size=40))
 def test_pretokenize_equals_bert_pretokenizer(text):
