@@ -101,3 +101,10 @@ def test_roundtrip_and_errors(trained, corpus, tmp_path):
         UnigramTokenizer.train(["abcdefg"], vocab_size=3)
     with pytest.raises(ValueError, match="shrinking_factor must be in"):
         UnigramTokenizer.train(["abc"], vocab_size=30, shrinking_factor=1.0)
+
+
+def test_pickle_round_trip(trained, corpus):
+    import pickle
+
+    again = pickle.loads(pickle.dumps(trained))
+    assert type(again) is UnigramTokenizer and again.encode(corpus[1]) == trained.encode(corpus[1])

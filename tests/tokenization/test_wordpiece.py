@@ -87,3 +87,11 @@ def test_roundtrip_and_errors(trained, tmp_path):
         WordPieceTokenizer(["a", "b"])
     with pytest.raises(ValueError, match="vocab_size must hold"):
         WordPieceTokenizer.train(["abcdef"], vocab_size=3)
+
+
+def test_pickle_round_trip(trained):
+    import pickle
+
+    again = pickle.loads(pickle.dumps(trained))
+    text = "To be, or not to be: that is the question."
+    assert type(again) is WordPieceTokenizer and again.encode(text) == trained.encode(text)
