@@ -108,3 +108,18 @@ def test_pickle_round_trip(trained, corpus):
 
     again = pickle.loads(pickle.dumps(trained))
     assert type(again) is UnigramTokenizer and again.encode(corpus[1]) == trained.encode(corpus[1])
+
+
+@pytest.fixture(scope="module")
+def with_fallback(corpus) -> UnigramTokenizer:
+    return UnigramTokenizer.train(corpus[:30], 1400, byte_fallback=True, seed_size=500)
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="▁"), max_size=30)
+       .filter(lambda s: not s.startswith(" ")))
+def test_byte_fallback_round_trip_on_any_text(with_fallback, text):
+    # SentencePiece's decoding drops the one prepended space, so a text that itself starts with a space is excluded
+    ids = with_fallback.encode(text)
+    assert with_fallback.decode(ids) == text
+    assert with_fallback.unk_id not in ids
