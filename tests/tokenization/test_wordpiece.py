@@ -70,11 +70,11 @@ def test_greedy_longest_match_by_hand():
 
 
 def test_training_picks_highest_likelihood_score():
-    # "h u g": counts h=15, ##u=20+5, ##g=15+5(...); the score, not the raw count, decides the first merge
+    # piece counts: h=15, p=17, b=4, ##u=36, ##g=20, ##n=16, ##s=5; the score, not the raw count, decides
     texts = ["hug"] * 10 + ["pug"] * 5 + ["pun"] * 12 + ["bun"] * 4 + ["hugs"] * 5
     tok = WordPieceTokenizer.train(texts, vocab_size=11, special_tokens=["[UNK]"])
     # alphabet: [UNK] + b h p ##g ##n ##s ##u = 8, so three merges; the first is ##g ##s: 5 / (20 * 5) = 0.05,
-    # higher than the most frequent pair ##u ##g (20 / (36 * 20) = 0.028)
+    # higher than every pair with ##u, e.g. the most frequent ##u ##g (20 / (36 * 20) = 0.028)
     assert tok.vocab[8] == "##gs"
     assert tok.vocab_size == 11
 
