@@ -6,7 +6,9 @@ becomes ``[UNK]`` — Hugging Face ``tokenizers``' ``WordPiece`` model behaves e
 Training merges the pair with the highest likelihood gain ``count(ab) / (count(a) count(b))`` (the score of the
 Hugging Face course's description of WordPiece). ``tokenizers``' ``WordPieceTrainer`` instead ranks pairs by
 count, as BPE does, so the two vocabularies differ while the encoders agree given the same vocabulary.
-Pre-tokenization follows BERT: split on whitespace, every punctuation character is a word of its own.
+Pre-tokenization follows BERT: split on whitespace, every punctuation character is a word of its own. Punctuation
+is Unicode's ``P*`` as the ``regex`` module knows it; ``tokenizers``' older tables disagree on ~150 code points
+(punctuation added since Unicode 9, e.g. U+2E43 onwards), where the two pre-tokenizers split differently.
 """
 
 from __future__ import annotations

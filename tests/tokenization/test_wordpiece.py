@@ -55,8 +55,15 @@ def test_split_cjk_equals_bert_normalizer_and_pretokenizer():
     assert tok.tokenize("明月光") == ["明", "月", "光"]
 
 
+# tokenizers' Rust punctuation table is older than the Unicode data of the `regex` module: it misses punctuation
+# added since Unicode 9 (U+2E43 onwards, Balinese and Telugu signs...) and still counts U+166D, an `So` since
+# Unicode 12. Below U+2E00 these are the only assigned code points on which the two disagree (found by a full scan).
+NEWER_PUNCTUATION = "\u061d\u09fd\u0a76\u0c77\u0c84\u166d\u1b7d\u1b7e"
+
+
 @settings(max_examples=60, deadline=None)
-@given(st.text(max_size=40))
+@given(st.text(alphabet=st.characters(max_codepoint=0x2DFF, blacklist_categories=("Cs", "Cn"),
+                                      blacklist_characters=NEWER_PUNCTUATION), max_size=40))
 def test_pretokenize_equals_bert_pretokenizer(text):
     hf = pre_tokenizers.BertPreTokenizer()
     assert [w for w, _ in hf.pre_tokenize_str(text)] == pretokenize(text)
