@@ -77,6 +77,10 @@ def test_derived_question_sets():
         assert q.choices[q.answer] == poem.split("\n")[1]
         assert len(set(q.choices)) == 4 and len({len(c) for c in q.choices}) == 1
         assert sum(c in poem for c in q.choices) == 1  # distractors come from other poems
+    for q in next_line_questions(poems, n_questions=5, distractors="shuffled", seed=0):
+        true = q.choices[q.answer]
+        assert any(f"{q.question}{true}" in p for p in poems) and len(set(q.choices)) == 4
+        assert all(sorted(c) == sorted(true) for c in q.choices)  # the same characters in other orders
     for q in arithmetic_questions(20, seed=1):
         a, b = map(int, q.question.removeprefix("Question: What is ").split("?")[0].split(" + "))
         assert q.choices[q.answer] == f" {a + b}" and len(set(q.choices)) == 4
@@ -93,5 +97,7 @@ def test_bad_input(model):
                                               MultipleChoice("床", ("前", "明", "月"), 0)], 16, [0])
     with pytest.raises(ValueError, match="no questions"):
         score_multiple_choice(model, encode, [], 16)
+    with pytest.raises(ValueError, match="distractors must be one of"):
+        next_line_questions(["a\nb"], 1, distractors="random")
     with pytest.raises(ValueError, match="only 0 questions can be built"):
         next_line_questions(["床前明月光，\n疑是地上霜。"], n_questions=1)
