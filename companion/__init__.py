@@ -69,6 +69,11 @@ _LAZY = {
                      "save_lora", "load_lora", "SequenceClassifier", "ClassifierConfig", "ClassificationCollator",
                      "classification_loss", "classification_eval_fn", "save_classifier", "load_classifier"],
                     "companion.finetuning"),
+    # fine-tuning: instruction tuning, DPO, GRPO and their poetry tasks
+    **dict.fromkeys(["ChatTemplate", "SFTConfig", "SupervisionError", "add_special_tokens", "check_supervision",
+                     "poetry_sft", "DPOConfig", "dpo_loss", "train_dpo", "GRPOConfig", "grpo_loss",
+                     "group_advantages", "train_grpo", "form_tasks", "preference_pairs", "follows_form"],
+                    "companion.finetuning"),
     "load_pretrained": "companion.training.recipes",
     "CheckpointError": "companion.errors",
     "load_hf_model": "companion.models",  # alias of companion.models.from_pretrained
