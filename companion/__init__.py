@@ -74,6 +74,12 @@ _LAZY = {
                      "poetry_sft", "DPOConfig", "dpo_loss", "train_dpo", "GRPOConfig", "grpo_loss",
                      "group_advantages", "train_grpo", "form_tasks", "preference_pairs", "follows_form"],
                     "companion.finetuning"),
+    # evaluation: perplexity, classification and text metrics, multiple choice, calibration, bootstrap
+    **dict.fromkeys(["evaluate_perplexity", "PerplexityResult", "precision_recall_f1", "f1_score",
+                     "confusion_matrix", "bootstrap_ci", "corpus_bleu", "corpus_chrf", "rouge", "MultipleChoice",
+                     "score_multiple_choice", "next_line_questions", "arithmetic_questions",
+                     "expected_calibration_error", "reliability_diagram", "fit_temperature"],
+                    "companion.evaluation"),
     "load_pretrained": "companion.training.recipes",
     "CheckpointError": "companion.errors",
     "load_hf_model": "companion.models",  # alias of companion.models.from_pretrained
