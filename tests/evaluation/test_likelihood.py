@@ -85,6 +85,12 @@ def test_derived_question_sets():
         a, b = map(int, q.question.removeprefix("Question: What is ").split("?")[0].split(" + "))
         assert q.choices[q.answer] == f" {a + b}" and len(set(q.choices)) == 4
     assert len({q.answer for q in arithmetic_questions(40, seed=1)}) == 4  # the key is not always in one place
+    for q in arithmetic_questions(5, low=1, high=9, shots=2, seed=2):  # few-shot: two solved examples first
+        solved = q.question.split("\n\n")[:-1]
+        assert len(solved) == 2
+        for example in solved:
+            a, b = map(int, example.split("What is ")[1].split("?")[0].split(" + "))
+            assert example.endswith(f"Answer: {a + b}")
 
 
 def test_bad_input(model):
