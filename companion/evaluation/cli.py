@@ -79,7 +79,6 @@ def evaluate(args: argparse.Namespace) -> dict:
     stride = args.stride or max(1, window // 2)
     if stride > window:
         raise UsageError(f"--stride must be <= --window ({window}), got {stride}")
-    torch.set_grad_enabled(False)
     poems = tang_poem_splits()[args.split]["text"]
     eos = tok.token_id("<eos>")
     ppl = evaluate_perplexity(model, tok.encode, poems[:args.poems], window, stride, prefix_ids=[eos])
@@ -105,7 +104,10 @@ def evaluate(args: argparse.Namespace) -> dict:
 
 
 def main(args: argparse.Namespace) -> int:
-    result = evaluate(args)
+    import torch
+
+    with torch.no_grad():  # a context, not set_grad_enabled(False): callers in the same process keep autograd
+        result = evaluate(args)
     text = json.dumps(result, ensure_ascii=False, indent=1)
     if args.output is not None:
         args.output.parent.mkdir(parents=True, exist_ok=True)

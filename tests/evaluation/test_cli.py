@@ -53,6 +53,9 @@ def test_small_run_matches_the_package(capsys, tmp_path):
     argv = ["evaluate", "--poems", "3", "--questions", "8", "--bootstrap", "50", "--window", "32",
             "--output", str(out)]
     assert main(argv) == 0
+    import torch
+
+    assert torch.is_grad_enabled()  # the command leaves autograd as it found it (callers share the process)
     printed = json.loads(capsys.readouterr().out)
     assert printed == json.loads(out.read_text(encoding="utf-8"))
 
