@@ -276,7 +276,7 @@ class Trainer:
             if self.evaluates and ((cfg.eval_every and self.step % cfg.eval_every == 0) or last):
                 result = self.evaluate()  # every rank evaluates all of eval_data (FSDP needs all ranks in forward)
                 self.history.eval.append(result)
-                bar.write(f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items() if k != "step"))
+                bar.write(self._eval_line(result))
                 stopped_early = self._early_stop(result)
             if cfg.out_dir and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                 self.save()
@@ -302,6 +302,11 @@ class Trainer:
         fig = plot_history(self.history)
         fig.savefig(path)
         plt.close(fig)
+
+    def _eval_line(self, result: dict[str, float]) -> str:
+        parts = [f"val_loss {result['val_loss']:.4f}, ppl {result['val_ppl']:.2f}"] if "val_loss" in result else []
+        parts += [f"{k} {v:.4f}" for k, v in result.items() if k not in ("step", "val_loss", "val_ppl")]
+        return f"step {self.step}: " + ", ".join(parts)
 
     def _early_stop(self, result: dict[str, float]) -> bool:
         """Track the best ``config.metric``; True once ``patience`` evaluations in a row did not improve it."""
