@@ -93,8 +93,8 @@ def trl_dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref
     trainer = SimpleNamespace(
         model=model, accelerator=SimpleNamespace(device=logps.device, gather_for_metrics=identity, gather=identity),
         aux_loss_enabled=False, ld_alpha=None, precompute_ref_logps=True, f_divergence_type="reverse_kl",
-        loss_types=["sigmoid"], loss_weights=[1.0], beta=beta, use_weighting=False, _metrics=defaultdict(lambda: defaultdict(list)),
-        _total_train_tokens=0, _tp_size=1)
+        loss_types=["sigmoid"], loss_weights=[1.0], beta=beta, use_weighting=False,
+        _metrics=defaultdict(lambda: defaultdict(list)), _total_train_tokens=0, _tp_size=1)
     inputs = {"input_ids": torch.zeros(2 * B, 2, dtype=torch.long), "attention_mask": torch.ones(2 * B, 2),
               "completion_mask": torch.tensor([[0, 1]] * (2 * B)), "ref_chosen_logps": ref_chosen,
               "ref_rejected_logps": ref_rejected}
