@@ -217,7 +217,7 @@ def read_classifier_config(path: str | Path) -> ClassifierConfig:
     fields = json.loads(meta["classifier_config"])
     lora = fields.pop("lora")
     if lora is not None:
-        lora = LoRAConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in lora.items()})
+        lora = LoRAConfig.from_dict(lora)
     return ClassifierConfig(**fields, lora=lora)
 
 

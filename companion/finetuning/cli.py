@@ -78,7 +78,7 @@ def load_config(path: Path) -> FinetuneConfig:
     def lora(value: dict | None) -> LoRAConfig | None:
         if value is None:
             return None
-        return LoRAConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in value.items()})
+        return LoRAConfig.from_dict(value)
 
     try:
         if recipe == "classification":

@@ -63,6 +63,11 @@ class LoRAConfig:
         return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
 
     @classmethod
+    def from_dict(cls, fields: dict) -> LoRAConfig:
+        """The config from its JSON form (``asdict`` output, tuples stored as lists)."""
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+
+    @classmethod
     def attention(cls, rank: int = 8, alpha: float = 16.0, **kwargs) -> LoRAConfig:
         return cls(rank=rank, alpha=alpha, targets=ATTENTION, **kwargs)
 
@@ -228,8 +233,7 @@ def read_lora_config(path: str | Path) -> LoRAConfig:
         meta = f.metadata() or {}
     if "lora_config" not in meta:
         raise ValueError(f"{path} is not a LoRA adapter written by save_lora (no 'lora_config' metadata)")
-    fields = json.loads(meta["lora_config"])
-    return LoRAConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+    return LoRAConfig.from_dict(json.loads(meta["lora_config"]))
 
 
 def load_lora(model: nn.Module, path: str | Path) -> nn.Module:
