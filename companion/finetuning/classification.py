@@ -18,13 +18,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 from torch import nn
 
 from companion.data import atomic_write_bytes
-from companion.finetuning.lora import LoRAConfig, apply_lora, lora_state_dict
+from companion.finetuning.lora import LoRAConfig, apply_lora, lora_state_dict, read_stored_json
 from companion.models.bert import Bert, BertForPreTraining, mean_pool
 
 MODES = ("full", "head", "lora")
@@ -210,11 +209,7 @@ def save_classifier(model: SequenceClassifier, path: str | Path) -> Path:
 
 
 def read_classifier_config(path: str | Path) -> ClassifierConfig:
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    if "classifier_config" not in meta:
-        raise ValueError(f"{path} was not written by save_classifier (no 'classifier_config' metadata)")
-    fields = json.loads(meta["classifier_config"])
+    fields = read_stored_json(path, "classifier_config", "a classifier written by save_classifier")
     lora = fields.pop("lora")
     if lora is not None:
         lora = LoRAConfig.from_dict(lora)

@@ -225,15 +225,21 @@ def save_lora(model: nn.Module, path: str | Path, config: LoRAConfig) -> Path:
     return path
 
 
-def read_lora_config(path: str | Path) -> LoRAConfig:
-    """The :class:`LoRAConfig` stored in an adapter file."""
+def read_stored_json(path: str | Path, key: str, what: str) -> dict:
+    """The JSON object stored under ``key`` in a safetensors file's metadata; ``what`` names the kind of file in the
+    error raised when the key is absent."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
-    if "lora_config" not in meta:
-        raise ValueError(f"{path} is not a LoRA adapter written by save_lora (no 'lora_config' metadata)")
-    return LoRAConfig.from_dict(json.loads(meta["lora_config"]))
+    if key not in meta:
+        raise ValueError(f"{path} is not {what} (no {key!r} metadata)")
+    return json.loads(meta[key])
+
+
+def read_lora_config(path: str | Path) -> LoRAConfig:
+    """The :class:`LoRAConfig` stored in an adapter file."""
+    return LoRAConfig.from_dict(read_stored_json(path, "lora_config", "a LoRA adapter written by save_lora"))
 
 
 def load_lora(model: nn.Module, path: str | Path) -> nn.Module:
