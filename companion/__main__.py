@@ -21,6 +21,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "finetune": ("companion.finetuning.cli", "fine-tune from a JSON config: classification (full/head/LoRA, early "
                  "stopping), SFT (optionally LoRA) or DPO"),
     "evaluate": ("companion.evaluation.cli", "perplexity, bits per character and multiple-choice accuracy of a checkpoint"),
+    "serve": ("companion.serving.cli", "serve a causal LM over an OpenAI-compatible HTTP API (completions, chat, "
+              "streaming)"),
 }
 
 
