@@ -5,9 +5,11 @@ Dettmers et al. 2022, without its outlier decomposition); int4 is asymmetric min
 ``group_size`` input columns (scale = (max - min) / 15, zero = min), because a group's weights are rarely
 centred and 16 levels are too few to waste one half of them (the layout GPTQ/AWQ kernels use too).
 Modules keep packed weights and scales as buffers, so ``state_dict`` (and a safetensors file) has the real
-saved size. Kernels: ``torch._weight_int8pack_mm`` / ``torch._weight_int4pack_mm_for_cpu`` (weight-only,
-fused dequantization) or ``torch._int_mm`` with per-row int8 activations (W8A8, as
-``torch.ao.quantization.quantize_dynamic``); a plain dequantize-then-``F.linear`` path is the reference.
+saved size. Kernels: ``torch._int_mm`` with per-row int8 activations (W8A8, the scheme of
+``torch.ao.quantization.quantize_dynamic``), ``torch._weight_int8pack_mm`` / ``torch._weight_int4pack_mm_for_cpu``
+(weight-only, dequantization fused into the matmul), or dequantize-then-``F.linear``, the reference. "auto" picks
+``_int_mm`` for W8A8 and dequantize for weight-only: on the book's reference CPU (AVX-512, torch 2.13) the fused
+weight-only kernels ran 3-50x slower than dequantize + fp32 matmul (benchmarks/quantize.py measures all paths).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-Kernel = Literal["auto", "dequantize"]
+Kernel = Literal["auto", "fused", "dequantize"]
 
 HAS_INT8PACK = hasattr(torch, "_weight_int8pack_mm")
 HAS_INT4PACK = hasattr(torch, "_convert_weight_to_int4pack_for_cpu") and hasattr(torch, "_weight_int4pack_mm_for_cpu")
@@ -36,7 +38,7 @@ class QuantConfig:
     group_size: int = 128  # int4 only: input columns sharing one scale and zero (must divide in_features)
     embeddings: bool = True  # also quantize nn.Embedding tables (a tied LM head stays tied, quantized once)
     skip: tuple[str, ...] = ()  # fnmatch patterns of module names left in float, e.g. ("lm_head",)
-    kernel: Kernel = "auto"  # "auto": fused torch kernel where it exists; "dequantize": reference path
+    kernel: Kernel = "auto"  # "fused": torch's int kernels; "dequantize": reference; "auto": see module docstring
     dynamic_activations: bool = False  # int8 only: quantize each input row to int8 too (W8A8 via torch._int_mm)
 
     def __post_init__(self) -> None:
@@ -44,8 +46,8 @@ class QuantConfig:
             raise ValueError(f"bits must be 8 or 4, got {self.bits!r}")
         if self.group_size < 2 or self.group_size % 2:
             raise ValueError(f"group_size must be an even number >= 2, got {self.group_size!r}")
-        if self.kernel not in ("auto", "dequantize"):
-            raise ValueError(f"kernel must be 'auto' or 'dequantize', got {self.kernel!r}")
+        if self.kernel not in ("auto", "fused", "dequantize"):
+            raise ValueError(f"kernel must be 'auto', 'fused' or 'dequantize', got {self.kernel!r}")
         if self.dynamic_activations and self.bits != 8:
             raise ValueError(f"dynamic_activations needs bits=8, got bits={self.bits!r}")
 
@@ -159,8 +161,9 @@ class Int8Linear(_QuantizedLinear):
                  dynamic_activations: bool = False) -> None:
         if weight.bits != 8:
             raise ValueError(f"Int8Linear needs an 8-bit weight, got bits={weight.bits}")
-        super().__init__(weight, bias, kernel if (HAS_INT_MM if dynamic_activations else HAS_INT8PACK)
-                         else "dequantize")
+        available = HAS_INT_MM if dynamic_activations else HAS_INT8PACK
+        fused = available and (kernel == "fused" or (kernel == "auto" and dynamic_activations))
+        super().__init__(weight, bias, "fused" if fused else "dequantize")
         self.dynamic_activations = dynamic_activations
 
     @classmethod
@@ -195,8 +198,9 @@ class Int4Linear(_QuantizedLinear):
     def __init__(self, weight: QuantizedWeight, bias: torch.Tensor | None = None, kernel: Kernel = "auto") -> None:
         if weight.bits != 4:
             raise ValueError(f"Int4Linear needs a 4-bit weight, got bits={weight.bits}")
-        fused = kernel == "auto" and HAS_INT4PACK and weight.group_size in INT4_KERNEL_GROUPS
-        super().__init__(weight, bias, "auto" if fused else "dequantize")
+        fused = (kernel == "fused" and HAS_INT4PACK and weight.group_size in INT4_KERNEL_GROUPS
+                 and weight.shape[0] % 16 == 0)  # the CPU kernel's tiles hold 16 output rows
+        super().__init__(weight, bias, "fused" if fused else "dequantize")
         if fused:
             q = unpack_int4(weight.qweight).to(torch.int32)  # (N, K)
             self.register_buffer("_tiles", torch._convert_weight_to_int4pack_for_cpu(q, 1), persistent=False)

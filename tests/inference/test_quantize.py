@@ -90,7 +90,7 @@ def test_bad_inputs_raise():
 
 
 @pytest.mark.parametrize("bits", [8, 4])
-@pytest.mark.parametrize("kernel", ["auto", "dequantize"])
+@pytest.mark.parametrize("kernel", ["auto", "fused", "dequantize"])
 def test_linear_matches_f_linear_on_dequantized(bits, kernel):
     lin = nn.Linear(128, 48)
     with torch.no_grad():
@@ -105,16 +105,20 @@ def test_linear_matches_f_linear_on_dequantized(bits, kernel):
 @pytest.mark.skipif(not (HAS_INT8PACK and HAS_INT4PACK), reason="torch has no fused CPU int8/int4 kernels")
 def test_fused_kernels_are_used():
     lin = nn.Linear(128, 48)
-    assert Int8Linear.from_linear(lin).kernel == "auto"
-    assert Int4Linear.from_linear(lin, 64).kernel == "auto"
-    assert Int4Linear.from_linear(lin, 16).kernel == "dequantize"  # group size the CPU kernel does not take
+    assert Int8Linear.from_linear(lin, "fused").kernel == "fused"
+    assert Int4Linear.from_linear(lin, 64, "fused").kernel == "fused"
+    assert Int4Linear.from_linear(lin, 16, "fused").kernel == "dequantize"  # group size the CPU kernel lacks
+    assert Int4Linear.from_linear(nn.Linear(128, 40), 64, "fused").kernel == "dequantize"  # N % 16 != 0
+    # "auto": integer matmul for W8A8, dequantize for weight-only (see the module docstring)
+    assert Int8Linear.from_linear(lin, dynamic_activations=True).kernel == "fused"
+    assert Int8Linear.from_linear(lin).kernel == Int4Linear.from_linear(lin, 64).kernel == "dequantize"
 
 
 @pytest.mark.skipif(not HAS_INT_MM, reason="torch has no _int_mm")
 def test_dynamic_activations_int_mm_matches_reference():
     lin = nn.Linear(128, 48)
     x = torch.randn(3, 128, generator=torch.Generator().manual_seed(2))
-    fused = Int8Linear.from_linear(lin, "auto", dynamic_activations=True)
+    fused = Int8Linear.from_linear(lin, "fused", dynamic_activations=True)
     ref = Int8Linear.from_linear(lin, "dequantize", dynamic_activations=True)
     # integer products are exact; only the final float rescaling and bias add differ
     torch.testing.assert_close(fused(x), ref(x), atol=1e-5, rtol=1e-5)
