@@ -80,6 +80,9 @@ _LAZY = {
                      "score_multiple_choice", "next_line_questions", "arithmetic_questions",
                      "expected_calibration_error", "reliability_diagram", "fit_temperature"],
                     "companion.evaluation"),
+    # inference: decoding strategies, KV cache, speculative decoding
+    **dict.fromkeys(["GenerationConfig", "GenerationOutput", "generate", "stream", "PreallocatedKVCache",
+                     "allocate_kv_caches", "speculative_generate", "SpeculativeOutput"], "companion.inference"),
     "load_pretrained": "companion.training.recipes",
     "CheckpointError": "companion.errors",
     "load_hf_model": "companion.models",  # alias of companion.models.from_pretrained

@@ -32,6 +32,29 @@ def start_position(idx: torch.Tensor, kv_caches: Sequence[KVCacheLike] | None, n
     return offset
 
 
+def padded_positions_and_mask(idx: torch.Tensor, attention_mask: torch.Tensor,
+                              offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions (B, T) and the self-attention mask (B, 1, T, S) of a padded batch, as transformers builds them.
+
+    ``attention_mask`` (B, S), S = offset + T, is 1 (or True) for real tokens and 0 for padding, over the cached and
+    the new positions. A token's position counts the real tokens before it (``cumsum - 1``, clamped at 0 for left
+    padding), so a left-padded row gets the same positions as the row alone. The mask lets query i see key j when j
+    is real and not in its future; a query with nothing to see (a pad before the first real token) sees every key,
+    which keeps softmax finite; its output is never read.
+    """
+    b, t = idx.shape
+    if attention_mask.shape != (b, offset + t):
+        raise ValueError(f"attention_mask must have shape (B, S) = {(b, offset + t)} (cached + new positions), "
+                         f"got {tuple(attention_mask.shape)}")
+    real = attention_mask.bool()  # (B, S)
+    positions = (real.long().cumsum(-1) - 1).clamp(min=0)[:, offset:]  # (B, T)
+    s = offset + t
+    causal = torch.ones(t, s, dtype=torch.bool, device=idx.device).tril(diagonal=offset)  # (T, S)
+    allowed = causal & real[:, None, :]  # (B, T, S)
+    allowed = allowed | ~allowed.any(dim=-1, keepdim=True)  # rows with no key: see all (finite, never read)
+    return positions, allowed[:, None]  # (B, T), (B, 1, T, S)
+
+
 def init_weights(module: nn.Module, std: float = 0.02) -> None:
     """GPT-2/BERT initialisation: N(0, std) for linear and embedding weights, zero biases (norms keep ones/zeros)."""
     if isinstance(module, nn.Linear):

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from companion.models.base import init_weights, start_position
+from companion.models.base import init_weights, padded_positions_and_mask, start_position
 from companion.nn.attention import Backend, KVCacheLike
 from companion.nn.block import BlockConfig, TransformerBlock
 from companion.nn.layers import FFNKind, LayerNorm
@@ -75,7 +75,11 @@ class GPTConfig:
 
 
 class GPT(nn.Module):
-    """forward(idx (B, T), kv_caches=None) -> logits (B, T, V)."""
+    """forward(idx (B, T), attention_mask=None, kv_caches=None) -> logits (B, T, V).
+
+    ``attention_mask`` (B, S), S = cached + new positions, marks real tokens with 1 and padding with 0 (see
+    `companion.models.base.padded_positions_and_mask`); a left-padded row then gives the logits of the row alone.
+    """
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
@@ -98,13 +102,22 @@ class GPT(nn.Module):
     def _moe(self) -> MoE | None:
         return None if self.config.moe is None else MoE(self.config.d_model, self.config.moe)
 
-    def forward(self, idx: torch.Tensor, kv_caches: Sequence[KVCacheLike] | None = None) -> torch.Tensor:
-        return self.lm_head(self.features(idx, kv_caches))  # (B, T, V)
+    def forward(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                kv_caches: Sequence[KVCacheLike] | None = None) -> torch.Tensor:
+        return self.lm_head(self.features(idx, attention_mask, kv_caches))  # (B, T, V)
 
-    def features(self, idx: torch.Tensor, kv_caches: Sequence[KVCacheLike] | None = None) -> torch.Tensor:
+    def features(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 kv_caches: Sequence[KVCacheLike] | None = None) -> torch.Tensor:
         """Final hidden states (B, T, C), after the last norm and before the LM head (for classifiers)."""
         offset = start_position(idx, kv_caches, self.config.n_ctx)
-        x = self.drop(self.pos_emb(self.tok_emb(idx), offset=offset))  # (B, T, C)
+        if attention_mask is None:
+            mask, positions = None, None
+            x = self.pos_emb(self.tok_emb(idx), offset=offset)  # (B, T, C)
+        else:
+            positions, mask = padded_positions_and_mask(idx, attention_mask, offset)  # (B, T), (B, 1, T, S)
+            x = self.tok_emb(idx) + self.pos_emb.weight[positions]  # (B, T, C)
+        x = self.drop(x)
+        padding = {} if mask is None else {"mask": mask}  # (B, 1, T, S); absent: the plain causal path
         for i, block in enumerate(self.blocks):
-            x = block(x, kv_cache=None if kv_caches is None else kv_caches[i])  # (B, T, C)
+            x = block(x, kv_cache=None if kv_caches is None else kv_caches[i], **padding)  # (B, T, C)
         return self.norm(x)  # (B, T, C)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from companion.models.base import init_weights, start_position
+from companion.models.base import init_weights, padded_positions_and_mask, start_position
 from companion.nn.attention import Backend, KVCacheLike
 from companion.nn.block import BlockConfig, TransformerBlock
 from companion.nn.layers import RMSNorm
@@ -89,7 +89,11 @@ class LlamaConfig:
 
 
 class Llama(nn.Module):
-    """forward(idx (B, T), kv_caches=None) -> logits (B, T, V)."""
+    """forward(idx (B, T), attention_mask=None, kv_caches=None) -> logits (B, T, V).
+
+    ``attention_mask`` (B, S), S = cached + new positions, marks real tokens with 1 and padding with 0 (see
+    `companion.models.base.padded_positions_and_mask`): RoPE then counts positions from each row's first real token.
+    """
 
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
@@ -102,17 +106,19 @@ class Llama(nn.Module):
         if config.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
 
-    def forward(self, idx: torch.Tensor, kv_caches: Sequence[KVCacheLike] | None = None) -> torch.Tensor:
-        start_position(idx, kv_caches, self.config.n_ctx)  # validates shape and length; RoPE reads the offset from the cache
-        x = self.tok_emb(idx)  # (B, T, C); no position table: RoPE rotates q and k inside each block
-        for i, block in enumerate(self.blocks):
-            x = block(x, kv_cache=None if kv_caches is None else kv_caches[i])  # (B, T, C)
-        return self.lm_head(self.norm(x))  # (B, T, V)
+    def forward(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                kv_caches: Sequence[KVCacheLike] | None = None) -> torch.Tensor:
+        return self.lm_head(self.features(idx, attention_mask, kv_caches))  # (B, T, V)
 
-    def features(self, idx: torch.Tensor, kv_caches: Sequence[KVCacheLike] | None = None) -> torch.Tensor:
+    def features(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 kv_caches: Sequence[KVCacheLike] | None = None) -> torch.Tensor:
         """Final hidden states (B, T, C): ``forward`` without the LM head (for classifiers and pooled features)."""
-        start_position(idx, kv_caches, self.config.n_ctx)
-        x = self.tok_emb(idx)  # (B, T, C)
+        offset = start_position(idx, kv_caches, self.config.n_ctx)
+        mask, positions = None, None  # None: RoPE reads the offset from the cache
+        if attention_mask is not None:
+            positions, mask = padded_positions_and_mask(idx, attention_mask, offset)  # (B, T), (B, 1, T, S)
+        x = self.tok_emb(idx)  # (B, T, C); no position table: RoPE rotates q and k inside each block
+        padding = {} if mask is None else {"mask": mask, "positions": positions}  # absent: the plain causal path
         for i, block in enumerate(self.blocks):
-            x = block(x, kv_cache=None if kv_caches is None else kv_caches[i])  # (B, T, C)
+            x = block(x, kv_cache=None if kv_caches is None else kv_caches[i], **padding)  # (B, T, C)
         return self.norm(x)  # (B, T, C)
