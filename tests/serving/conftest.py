@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import threading
 import time
 
@@ -12,7 +13,8 @@ from companion.models import GPT, GPTConfig, greedy_generate
 from companion.serving import Engine, EngineConfig, ServerThread, create_app
 from companion.tokenization import CharTokenizer
 
-ALPHABET = "床前明月光疑是地上霜举头望低思故乡春眠不觉晓处闻啼鸟夜来风雨声花落知多少，。abcdefgh"
+ALPHABET = ("床前明月光疑是地上霜举头望低思故乡春眠不觉晓处闻啼鸟"
+            "夜来风雨声花落知多少，。abcdefgh")
 SPECIALS = ["<pad>", "<unk>", "<eos>", "<user>", "<assistant>"]
 MODEL_ID = "tiny-gpt"
 
@@ -32,17 +34,17 @@ def reference_text(model: GPT, tokenizer: CharTokenizer, prompt_ids: list[int], 
     return tokenizer.decode([i for i in out if i not in tokenizer.special_tokens.values()])
 
 
-class SlowModel(torch.nn.Module):
-    """The model, ``delay`` seconds slower per forward call, counting the calls (for cancellation tests)."""
+class Slowed:
+    """A copy of ``model`` whose first block sleeps ``delay`` seconds per call and counts the calls (one per
+    decoding step), for cancellation and queue tests."""
 
     def __init__(self, model: torch.nn.Module, delay: float) -> None:
-        super().__init__()
-        self.model, self.delay, self.calls, self.config = model, delay, 0, model.config
+        self.model, self.delay, self.calls = copy.deepcopy(model), delay, 0
+        self.model.blocks[0].register_forward_pre_hook(self._hook)
 
-    def forward(self, *args, **kwargs) -> torch.Tensor:
+    def _hook(self, module: torch.nn.Module, args: tuple) -> None:
         self.calls += 1
         time.sleep(self.delay)
-        return self.model(*args, **kwargs)
 
 
 @pytest.fixture(scope="module")
