@@ -178,10 +178,11 @@ class Int8Linear(_QuantizedLinear):
         return torch._int_mm(xq, w.qweight.t()).float() * xs * w.scale  # (M, N)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.dynamic_activations and self.kernel == "dequantize":  # reference for the W8A8 product
-            xs, xq = quantize_rows(x.reshape(-1, self.in_features).float())
-            y = F.linear(xq.float() * xs, self.weight_q.dequantize()).view(*x.shape[:-1], self.out_features)
-            return (y if self.bias is None else y + self.bias).to(x.dtype)
+        if self.dynamic_activations and (self.kernel == "dequantize" or x.dtype != torch.float32):
+            xs, xq = quantize_rows(x.reshape(-1, self.in_features))  # reference for the W8A8 product, in x's dtype
+            w = self.weight_q.dequantize().to(x.dtype)
+            y = F.linear(xq.to(x.dtype) * xs, w).view(*x.shape[:-1], self.out_features)
+            return y if self.bias is None else y + self.bias
         return super().forward(x)
 
 
