@@ -61,7 +61,7 @@ def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return q.float() * scale[..., None]  # (N, K)
+    return q * scale[..., None]  # (N, K) in scale's dtype; type promotion converts q inside one kernel
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
@@ -93,10 +93,12 @@ def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch
 
 
 def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-    q = unpack_int4(packed).float()  # (..., K)
-    g = q.shape[-1] // scale.shape[-1]
-    qg = q.unflatten(-1, (scale.shape[-1], g))  # (..., K/g, g)
-    return (qg * scale[..., None] + zero[..., None]).flatten(-2)  # (..., K)
+    """q * scale + zero per group, in scale's dtype: (..., K/2) packed, (..., K/g) scale and zero -> (..., K)."""
+    lead, half, n_groups = packed.shape[:-1], packed.shape[-1], scale.shape[-1]
+    q = torch.empty(*lead, half, 2, dtype=scale.dtype, device=packed.device)  # unpacked straight into floats
+    q[..., 0], q[..., 1] = packed & 15, packed >> 4
+    qg = q.view(*lead, n_groups, 2 * half // n_groups)  # (..., K/g, g)
+    return qg.mul_(scale[..., None]).add_(zero[..., None]).view(*lead, 2 * half)  # (..., K)
 
 
 class QuantizedWeight(nn.Module):
@@ -127,7 +129,7 @@ class QuantizedWeight(nn.Module):
     def rows(self, idx: torch.Tensor) -> torch.Tensor:
         """Dequantized rows ``idx`` (...) -> (..., K), without dequantizing the whole table."""
         if self.bits == 8:
-            return self.qweight[idx].float() * self.scale[idx][..., None]
+            return dequantize_int8(self.qweight[idx], self.scale[idx])
         return dequantize_int4(self.qweight[idx], self.scale[idx], self.zero[idx])
 
 
