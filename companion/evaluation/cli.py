@@ -19,16 +19,7 @@ import json
 from pathlib import Path
 
 from companion.errors import UsageError
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return value
+from companion.training.cli import positive_int
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,16 +28,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: tang_gpt)")
     parser.add_argument("--split", default="test", choices=("validation", "test"),
                         help="held-out split of the Tang poems to evaluate on (default: test)")
-    parser.add_argument("--poems", type=_positive_int, default=100,
+    parser.add_argument("--poems", type=positive_int, default=100,
                         help="number of poems scored for perplexity (default: 100)")
-    parser.add_argument("--window", type=_positive_int, default=None,
+    parser.add_argument("--window", type=positive_int, default=None,
                         help="tokens the model reads at once, at most its context length (default: its context)")
-    parser.add_argument("--stride", type=_positive_int, default=None,
+    parser.add_argument("--stride", type=positive_int, default=None,
                         help="tokens the window moves by, 1..window (default: half the window)")
-    parser.add_argument("--questions", type=_positive_int, default=100,
+    parser.add_argument("--questions", type=positive_int, default=100,
                         help="number of derived next-line questions (default: 100)")
-    parser.add_argument("--choices", type=_positive_int, default=4, help="choices per question, >= 2 (default: 4)")
-    parser.add_argument("--bootstrap", type=_positive_int, default=1000,
+    parser.add_argument("--choices", type=positive_int, default=4, help="choices per question, >= 2 (default: 4)")
+    parser.add_argument("--bootstrap", type=positive_int, default=1000,
                         help="bootstrap resamples for the interval of acc (default: 1000)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the question set and the bootstrap (default: 0)")
     parser.add_argument("--output", type=Path, default=None, help="also write the JSON result to this file")

@@ -14,23 +14,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from companion.errors import UsageError
+from companion.training.cli import positive_int
 
 if TYPE_CHECKING:
     import torch
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return value
-
-
 def _port(text: str) -> int:
-    value = _positive_int(text)
+    value = positive_int(text)
     if value > 65535:
         raise argparse.ArgumentTypeError(f"must be a TCP port 1..65535, got {text!r}")
     return value
@@ -44,13 +35,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="model id clients must send (default: the checkpoint's name)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     parser.add_argument("--port", type=_port, default=8000, help="TCP port to listen on (default: 8000)")
-    parser.add_argument("--max-tokens", type=_positive_int, default=256,
+    parser.add_argument("--max-tokens", type=positive_int, default=256,
                         help="largest max_tokens a request may ask for (default: 256)")
-    parser.add_argument("--max-prompt-tokens", type=_positive_int, default=None,
+    parser.add_argument("--max-prompt-tokens", type=positive_int, default=None,
                         help="longest prompt in tokens (default: the model's context length minus one)")
-    parser.add_argument("--queue-size", type=_positive_int, default=16,
+    parser.add_argument("--queue-size", type=positive_int, default=16,
                         help="requests that may wait for the worker before the server answers 429 (default: 16)")
-    parser.add_argument("--threads", type=_positive_int, default=None,
+    parser.add_argument("--threads", type=positive_int, default=None,
                         help="torch CPU threads (default: torch's choice)")
 
 
