@@ -40,8 +40,8 @@ def _truncated(model: GPT) -> GPT:
 PROMPTS = [torch.tensor([[5, 9, 2]]), torch.tensor([[7]]), torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]])]
 
 
-@pytest.mark.parametrize("draft_kind", ["self", "truncated", "random"])
-@pytest.mark.parametrize("k", [1, 3, 6])
+@pytest.mark.parametrize(("draft_kind", "k"), [(kind, k) for kind in ("self", "truncated") for k in (1, 3, 6)]
+                         + [("random", 1), ("random", 6)])  # a random draft is rejected almost always: k = 3 adds nothing
 def test_greedy_equals_target_greedy(target, draft_kind, k):
     draft = {"self": lambda: target, "truncated": lambda: _truncated(target), "random": lambda: _gpt(1)}[draft_kind]()
     for prompt in PROMPTS:
@@ -92,13 +92,13 @@ def test_sampling_first_token_follows_the_target():
 
     target, draft = Fixed(target_logits), Fixed(draft_logits)
     counts = torch.zeros(8)
-    n = 2000
+    n = 1000
     for seed in range(n):
         config = GenerationConfig(max_new_tokens=3, do_sample=True, temperature=0.9, seed=seed)
         out = speculative_generate(target, draft, torch.tensor([[0]]), config, k=2)
         counts[out.tokens[1]] += 1  # position 2: after one accepted-or-corrected draft token
     expected = (target_logits / 0.9).softmax(-1)
-    assert float((counts / n - expected).abs().max()) < 0.04  # 2000 draws: standard error <= 0.0112
+    assert float((counts / n - expected).abs().max()) < 0.05  # 1000 draws: standard error <= 0.0159
     draft_only = (draft_logits / 0.9).softmax(-1)
     assert float((draft_only - expected).abs().max()) > 0.1  # the draft alone would fail this test
 
