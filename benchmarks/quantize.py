@@ -29,16 +29,22 @@ sys.path[0] = str(Path(__file__).resolve().parent.parent)  # the repo, not bench
 from companion.inference import GenerationConfig, generate  # noqa: E402
 from companion.inference.quantize import QuantConfig, quantize_model, snr_db  # noqa: E402
 
-VARIANTS = {  # name -> QuantConfig (None: fp32; "dynamic": torch.ao quantize_dynamic)
-    "fp32": None,
-    "torch.ao dynamic int8": "dynamic",
-    "int8 weight-only (dequantize)": QuantConfig(bits=8, kernel="dequantize"),
-    "int8 weight-only (int8pack_mm)": QuantConfig(bits=8, kernel="fused"),
-    "int8 W8A8 (_int_mm)": QuantConfig(bits=8, dynamic_activations=True),
-    "int4 g128 (dequantize)": QuantConfig(bits=4, group_size=128, kernel="dequantize"),
-    "int4 g128 (int4pack_mm)": QuantConfig(bits=4, group_size=128, kernel="fused"),
-    "int4 g32 (dequantize)": QuantConfig(bits=4, group_size=32, kernel="dequantize"),
-}
+
+def variants(model: nn.Module) -> dict:
+    """name -> QuantConfig (None: fp32; "dynamic": torch.ao quantize_dynamic). The int4 group is 128 where it divides
+    every input width (tang_gpt), else the largest power of two that does (SmolLM2's width 576 = 9 x 64)."""
+    widths = {m.weight.shape[1] for m in model.modules() if isinstance(m, (nn.Linear, nn.Embedding))}
+    group = next(g for g in (128, 64, 32, 16, 8, 4, 2) if all(w % g == 0 for w in widths))
+    return {
+        "fp32": None,
+        "torch.ao dynamic int8": "dynamic",
+        "int8 weight-only (dequantize)": QuantConfig(bits=8, kernel="dequantize"),
+        "int8 weight-only (int8pack_mm)": QuantConfig(bits=8, kernel="fused"),
+        "int8 W8A8 (_int_mm)": QuantConfig(bits=8, dynamic_activations=True),
+        f"int4 g{group} (dequantize)": QuantConfig(bits=4, group_size=group, kernel="dequantize"),
+        f"int4 g{group} (int4pack_mm)": QuantConfig(bits=4, group_size=group, kernel="fused"),
+        "int4 g32 (dequantize)": QuantConfig(bits=4, group_size=32, kernel="dequantize"),
+    }
 
 
 def quantized(model: nn.Module, spec) -> nn.Module:
@@ -80,6 +86,8 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=16, help="prompt length in tokens")
     parser.add_argument("--new", type=int, default=48, help="new tokens per generation")
     parser.add_argument("--rounds", type=int, default=5, help="alternating rounds; medians are reported")
+    parser.add_argument("--only", nargs="+", default=None,
+                        help="time only the variants whose names contain one of these strings (fp32 and torch.ao always)")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -91,7 +99,8 @@ def main() -> None:
     print(f"{args.threads} threads, {args.poems} validation poems, machine shared with other jobs")
     for name in args.model:
         base, encode, prefix, window, stride = load(name)
-        models = {v: quantized(base, spec) for v, spec in VARIANTS.items()}
+        models = {v: quantized(base, spec) for v, spec in variants(base).items()
+                  if args.only is None or v in ("fp32", "torch.ao dynamic int8") or any(s in v for s in args.only)}
         ids = torch.tensor([prefix + encode("\n".join(poems))[: window - 1]])  # (1, window)
         reference_logits = base(ids)
         prompt = ids[:, : args.prompt]
