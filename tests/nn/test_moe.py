@@ -65,8 +65,13 @@ def test_one_expert_is_a_swiglu_ffn():
 
 
 def test_gradients_reach_the_router_and_only_the_chosen_experts():
-    moe = make(MoEConfig(n_experts=8, top_k=1, d_expert=8))
+    # top-1 without renormalisation (Switch Transformer): the output is p_e * expert_e(x), so the router learns from
+    # it. Renormalised top-1 (Mixtral's rule with k = 1) weighs the expert by p_e / p_e = 1: no gradient at all.
     x = torch.randn(1, 2, C, dtype=torch.float64)  # two tokens: at most 2 of the 8 experts are used
+    renormalised = make(MoEConfig(n_experts=8, top_k=1, d_expert=8))
+    renormalised(x).sum().backward()
+    assert float(renormalised.router.weight.grad.abs().max()) < 1e-12
+    moe = make(MoEConfig(n_experts=8, top_k=1, d_expert=8, normalize=False))
     moe(x).sum().backward()
     assert moe.router.weight.grad is not None and moe.router.weight.grad.abs().sum() > 0
     used = set(moe.route(x.reshape(-1, C))[1].flatten().tolist())
