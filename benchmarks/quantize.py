@@ -76,7 +76,7 @@ def load(name: str):
     from companion.models import load_smollm2
 
     model, tok = load_smollm2()
-    return model.eval(), lambda s: tok.encode(s).ids if hasattr(tok.encode(s), "ids") else tok.encode(s), [0], 256, 128
+    return model.eval(), tok.encode, [0], 256, 128  # a transformers tokenizer: encode(str) -> list of ids (as in 9.2)
 
 
 def main() -> None:
