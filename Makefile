@@ -35,7 +35,7 @@ html: venv
 # errors; unit tests and the render check of the built book in headless Chromium. 2: nbval on every notebook,
 # installed as the Colab setup cell installs it (tools/colab_like.py) and on a simulated foreign CPU, so one
 # execution checks both ways a reader's run differs from the checkout's. Each notebook runs once: the foreign
-# kernels are 1-3x slower than native, and a second (native) nbval pass of the book does not fit CI's 90 minutes
+# kernels are up to 3.4x slower than native, and a second (native) nbval pass of the book does not fit CI's 90 minutes
 # with margin; `make nbval` is that pass, run before committing a notebook. Each phase prints its clock time.
 test: venv system-deps html
 	@date -u +"== %H:%M:%S pass 1: unit tests, render check =="
