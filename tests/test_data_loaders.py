@@ -6,6 +6,7 @@ import json
 import pytest
 
 from companion import data
+from companion.dedup import NOTE_PATTERN, clean_poem, fingerprint
 from companion import prepare_data as prep
 
 
@@ -19,14 +20,37 @@ def test_tang_poems():
     assert poems._fingerprint == data.load_tang_poems()._fingerprint
 
 
-def test_tang_splits_fixed_and_leak_free():
+def _shares_13gram(train: list[str], held: list[str]) -> list[bool]:
+    """Per held-out text: does one of its 13-character n-grams occur in a training text (written out here, not
+    with companion.dedup.contamination)."""
+    grams = {t[i:i + 13] for t in held for i in range(len(t) - 12)}
+    seen = {t[i:i + 13] for t in train for i in range(len(t) - 12) if t[i:i + 13] in grams}
+    return [any(t[i:i + 13] in seen for i in range(len(t) - 12)) for t in held]
+
+
+def test_tang_splits_clean_deduplicated_decontaminated():
     splits = data.tang_poem_splits()
+    raw = {r["id"]: r["text"] for r in data.read_jsonl(data.TANG_POEMS)}
     sizes = {k: v.num_rows for k, v in splits.items()}
-    assert sum(sizes.values()) == 57603
-    assert abs(sizes["validation"] / 57603 - 0.05) < 0.005 and abs(sizes["test"] / 57603 - 0.05) < 0.005
-    train, test = set(splits["train"]["text"]), set(splits["test"]["text"])
-    assert not train & test
-    assert all(data.split_bucket(t, 0.05, 0.05) == "test" for t in splits["test"]["text"][:100])
+    total = sum(sizes.values())
+    assert 0.93 < total / len(raw) < 0.99  # fragments, lost characters and duplicates dropped, nothing else
+    assert all(0.04 < sizes[k] / total < 0.05 for k in ("validation", "test"))  # 5% less the moved poems
+    for split in splits.values():
+        assert split["text"] == [clean_poem(raw[i]) for i in split["id"]]
+        assert not any(NOTE_PATTERN.search(t) for t in split["text"])
+        assert split["form"] == [prep.poem_form(t) for t in split["text"]]
+    prints = {k: [fingerprint(t) for t in v["text"]] for k, v in splits.items()}
+    everything = [p for k in data.SPLITS for p in prints[k]]
+    assert len(set(everything)) == len(everything)  # no two poems equal up to punctuation, in or across splits
+    for name in ("validation", "test"):
+        assert not any(_shares_13gram(prints["train"], prints[name]))
+    # the check can fail: the split of the raw text by its hash alone shares 13-grams in more than 5% of poems
+    buckets = [data.split_bucket(t, *data.TANG_HELD_OUT) for t in raw.values()]
+    raw_prints = [fingerprint(clean_poem(t)) for t in raw.values()]
+    raw_train = [p for p, b in zip(raw_prints, buckets) if b == "train"]
+    raw_validation = [p for p, b in zip(raw_prints, buckets) if b == "validation"]
+    assert sum(_shares_13gram(raw_train, raw_validation)) > 0.05 * len(raw_validation)
+    assert splits["train"]._fingerprint == data.tang_poem_splits()["train"]._fingerprint
 
 
 def test_split_errors():
@@ -73,7 +97,7 @@ def test_regenerated_files_match_manifest(tmp_path):
     manifest = data.load_manifest()
     foreign = data.DataFile("models/other.csv", "0" * 64, 1, "another chapter", "CC0")
     data.write_manifest({**{k: v for k, v in manifest.items()}, foreign.name: foreign}, tmp_path / "manifest.json")
-    only = {data.REVIEWS, data.GPT2_ENCODER, data.GPT2_MERGES}
+    only = {data.TANG_SPLITS, data.REVIEWS, data.GPT2_ENCODER, data.GPT2_MERGES}
     assert prep.prepare_data(tmp_path, only=only, check=True) == []
     prep.prepare_data(tmp_path, only=only)
     after = data.load_manifest(tmp_path / "manifest.json")

@@ -9,6 +9,7 @@ import pytest
 
 from companion.data import load_tang_poems
 from companion.dedup import (MinHashConfig, MinHasher, QualityConfig, clean_poem, clusters, contamination,
+                             decontaminate, deduplicate,
                              duplicate_groups, estimated_jaccard, fingerprint, jaccard, lsh_candidates,
                              lsh_probability, near_duplicate_pairs, quality_failures, shingles)
 
@@ -83,6 +84,8 @@ def test_near_duplicate_pairs_and_clusters(poems):
 def test_clean_and_exact_groups():
     raw = "逻人（一作「叉」）横鸟道，江祖出鱼梁。\n  \n水急客舟(一作行)疾，山花拂面香。 "
     assert clean_poem(raw) == "逻人横鸟道，江祖出鱼梁。\n水急客舟疾，山花拂面香。"
+    assert clean_poem("甲（见《某书》（一作乙）卷三。\n）丁") == "甲丁"  # a nested note goes as a whole
+    assert clean_poem("白日依山尽。\n（一作某）。\n黄河入海流。") == "白日依山尽。\n黄河入海流。"
     assert fingerprint("床前明月光，疑是地上霜。") == "床前明月光疑是地上霜"
     assert duplicate_groups(["a", "b", "a", "c", "b", "a"]) == [[0, 2, 5], [1, 4]]
 
@@ -120,3 +123,20 @@ def test_config_errors():
         shingles("abc", 0)
     with pytest.raises(ValueError, match="threshold must be in"):
         contamination(["a"], ["b"], threshold=1.0)
+
+
+def test_deduplicate_keeps_the_first_of_each_cluster():
+    base = "岁阴穷暮纪，献节启新芳。冬尽今宵促，年开明日长。冰消出镜水，梅散入风香。对此欢终宴，倾壶待曙光。"
+    texts = [base, "甲乙丙丁戊己庚辛壬癸子丑寅卯辰巳午未申酉戌亥", base.replace("，", "。"),
+             base.replace("消", "销"), "天地玄黄宇宙洪荒日月盈昃辰宿列张寒来暑往秋收冬藏"]
+    assert deduplicate(texts) == [0, 1, 4]  # 2: same fingerprint as 0; 3: one character changed (J = 31/41)
+    assert deduplicate(texts, threshold=0.95) == [0, 1, 3, 4]
+
+
+def test_decontaminate_moves_held_out_texts_until_none_shares_an_ngram():
+    a, b, c = "一二三四五六七八九十甲乙丙丁", "九十甲乙丙丁戊己庚辛壬癸子丑寅卯", "壬癸子丑寅卯辰巳午未申酉戌亥"
+    splits = decontaminate([a, b, c, "天地玄黄宇宙洪荒日月盈昃辰宿"], ["train", "validation", "test", "test"], n=6)
+    assert splits == ["train", "train", "train", "test"]  # c shares only with b, and b with a: both move
+    assert decontaminate([a, c], ["train", "test"], n=6) == ["train", "test"]
+    with pytest.raises(ValueError, match="differ in length: 2 vs 1"):
+        decontaminate([a, b], ["train"])
