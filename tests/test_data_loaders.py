@@ -107,3 +107,16 @@ def test_regenerated_files_match_manifest(tmp_path):
         assert data.sha256sum(tmp_path / name) == manifest[name].sha256
     with pytest.raises(ValueError, match="does not generate"):
         prep.prepare_data(tmp_path, only={"models/other.csv"}, check=True)
+
+
+def test_tang_lines_are_the_lines_of_one_form_in_one_split():
+    splits = data.tang_poem_splits()
+    lines = data.tang_lines("五言绝句", "validation")
+    poems = [t for f, t in zip(splits["validation"]["form"], splits["validation"]["text"]) if f == "五言绝句"]
+    assert lines == [list(line) for t in poems for line in t.split("\n")]
+    assert len(poems) > 100 and sum(map(len, lines)) == sum(len(t) - t.count("\n") for t in poems)
+    assert all("\n" not in line and len(line) % 12 == 0 for line in lines)  # whole couplets: 5 + ，+ 5 + 。
+    with pytest.raises(ValueError, match="split must be one of"):
+        data.tang_lines("五言绝句", "dev")
+    with pytest.raises(ValueError, match="no poem of form"):
+        data.tang_lines("六言绝句", "train")
