@@ -5,16 +5,18 @@ Dettmers et al. 2022, without its outlier decomposition); int4 is asymmetric min
 ``group_size`` input columns (scale = (max - min) / 15, zero = min), because a group's weights are rarely
 centred and 16 levels are too few to waste one half of them (the layout GPTQ/AWQ kernels use too).
 Modules keep packed weights and scales as buffers, so ``state_dict`` (and a safetensors file) has the real
-saved size. Kernels: ``torch._int_mm`` with per-row int8 activations (W8A8, the scheme of
-``torch.ao.quantization.quantize_dynamic``), ``torch._weight_int8pack_mm`` / ``torch._weight_int4pack_mm_for_cpu``
-(weight-only, dequantization fused into the matmul), or dequantize-then-``F.linear``, the reference. "auto" picks
-``_int_mm`` for W8A8 and dequantize for weight-only: on the book's reference CPU (AVX-512, torch 2.13) the fused
-weight-only kernels ran 3-50x slower than dequantize + fp32 matmul (benchmarks/quantize.py measures all paths).
+saved size. Kernels: W8A8 (``dynamic_activations``: activations quantized on every call, the scheme of
+``torch.ao.quantization.quantize_dynamic``) runs fbgemm's int8 kernel with our weights, or ``torch._int_mm``;
+weight-only runs ``torch._weight_int8pack_mm`` / ``torch._weight_int4pack_mm_for_cpu`` (dequantization fused into
+the matmul), or dequantize-then-``F.linear``, the reference. "auto" picks the integer kernel for W8A8 and dequantize
+for weight-only: on the book's reference CPU (AMD EPYC, torch 2.13) fbgemm's kernel ran 2-4x faster than fp32 at
+batch 1, while the fused weight-only kernels ran slower than dequantize + fp32 matmul (benchmarks/quantize.py).
 """
 
 from __future__ import annotations
 
 import fnmatch
+import warnings
 from dataclasses import dataclass
 from typing import Literal
 
@@ -27,6 +29,7 @@ Kernel = Literal["auto", "fused", "dequantize"]
 HAS_INT8PACK = hasattr(torch, "_weight_int8pack_mm")
 HAS_INT4PACK = hasattr(torch, "_convert_weight_to_int4pack_for_cpu") and hasattr(torch, "_weight_int4pack_mm_for_cpu")
 HAS_INT_MM = hasattr(torch, "_int_mm")
+HAS_DYNAMIC_LINEAR = torch.backends.quantized.engine != "none" and hasattr(torch.ops.quantized, "linear_dynamic")
 INT4_KERNEL_GROUPS = (32, 64, 128, 256)  # group sizes torch's int4 CPU kernel accepts
 
 
@@ -156,8 +159,10 @@ class _QuantizedLinear(nn.Module):
 
 
 class Int8Linear(_QuantizedLinear):
-    """y = x W^T + b with W int8 per output channel. ``dynamic_activations``: each row of x is quantized to
-    int8 too and multiplied in integers (``torch._int_mm``), then rescaled by both scales."""
+    """y = x W^T + b with W int8 per output channel. ``dynamic_activations`` (W8A8): x is quantized too, on every call,
+    as `torch.ao.quantization.quantize_dynamic` does it (`quantize_activations`), and multiplied in integers: by
+    fbgemm's int8 kernel (``torch.ops.quantized.linear_dynamic``, the kernel of quantize_dynamic, here with our
+    per-channel weights) where the quantized engine has it, else by ``torch._int_mm`` with the zero point corrected."""
 
     def __init__(self, weight: QuantizedWeight, bias: torch.Tensor | None = None, kernel: Kernel = "auto",
                  dynamic_activations: bool = False) -> None:
@@ -167,31 +172,70 @@ class Int8Linear(_QuantizedLinear):
         fused = available and (kernel == "fused" or (kernel == "auto" and dynamic_activations))
         super().__init__(weight, bias, "fused" if fused else "dequantize")
         self.dynamic_activations = dynamic_activations
+        self._packed: tuple | None = None  # (weight identity, fbgemm's packed weight), made on first use
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, kernel: Kernel = "auto", dynamic_activations: bool = False) -> Int8Linear:
         return cls(QuantizedWeight(linear.weight, 8), linear.bias, kernel, dynamic_activations)
 
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_packed"] = None  # fbgemm's packed weight is a C++ object: copies and pickles pack again
+        return state
+
+    def _fbgemm_weight(self):
+        """fbgemm's packed copy of qweight and bias (None where the quantized engine cannot run it), packed again
+        whenever the weight, its scales or the bias change."""
+        w = self.weight_q
+        tensors = (w.qweight, w.scale) if self.bias is None else (w.qweight, w.scale, self.bias)
+        key = tuple((t.data_ptr(), t._version) for t in tensors)
+        if self._packed is None or self._packed[0] != key:
+            packed = None
+            if HAS_DYNAMIC_LINEAR and w.qweight.device.type == "cpu":
+                with warnings.catch_warnings():  # quantized tensors are deprecated, their kernels are not
+                    warnings.simplefilter("ignore", UserWarning)
+                    qw = torch._make_per_channel_quantized_tensor(w.qweight, w.scale.double(),
+                                                                  torch.zeros_like(w.scale, dtype=torch.long), 0)
+                try:
+                    packed = torch.ops.quantized.linear_prepack(qw, None if self.bias is None else self.bias.detach())
+                except RuntimeError:  # an engine without per-channel dynamic linear
+                    packed = None
+            self._packed = (key, packed)
+        return self._packed[1]
+
     def _fused(self, x2d: torch.Tensor) -> torch.Tensor:
         w = self.weight_q
         if not self.dynamic_activations:
             return torch._weight_int8pack_mm(x2d.contiguous(), w.qweight, w.scale)  # (M, N)
-        xs, xq = quantize_rows(x2d)  # (M, 1), int8 (M, K)
-        return torch._int_mm(xq, w.qweight.t()).float() * xs * w.scale  # (M, N)
+        xs, xz, xq = quantize_activations(x2d)  # (), (), int8 (M, K) in 0..127
+        colsum = w.qweight.sum(dim=1, dtype=torch.int32)  # (N,) the zero point's share of each dot product
+        return (torch._int_mm(xq, w.qweight.t()) - xz * colsum).float() * xs * w.scale  # (M, N)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dynamic_activations and self.kernel == "fused" and x.dtype == torch.float32:
+            packed = self._fbgemm_weight()
+            if packed is not None:  # the bias is added inside the kernel
+                y = torch.ops.quantized.linear_dynamic(x.reshape(-1, self.in_features), packed, True)  # (M, N)
+                return y.view(*x.shape[:-1], self.out_features)
         if self.dynamic_activations and (self.kernel == "dequantize" or x.dtype != torch.float32):
-            xs, xq = quantize_rows(x.reshape(-1, self.in_features))  # reference for the W8A8 product, in x's dtype
+            xs, xz, xq = quantize_activations(x.reshape(-1, self.in_features))  # reference W8A8 product, x's dtype
             w = self.weight_q.dequantize().to(x.dtype)
-            y = F.linear(xq.to(x.dtype) * xs, w).view(*x.shape[:-1], self.out_features)
+            y = F.linear((xq.to(x.dtype) - xz) * xs, w).view(*x.shape[:-1], self.out_features)
             return y if self.bias is None else y + self.bias
         return super().forward(x)
 
 
-def quantize_rows(x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(M, K) float -> per-row scale (M, 1) and int8 (M, K), symmetric absmax (dynamic activation quantization)."""
-    xs = x2d.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127  # (M, 1)
-    return xs, torch.round(x2d / xs).clamp(-127, 127).to(torch.int8)
+def quantize_activations(x: torch.Tensor, qmax: int = 127) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Dynamic activation quantization as quantize_dynamic's fbgemm kernel does it: one asymmetric scale and zero
+    point for the whole tensor, mapping [min(x, 0), max(x, 0)] onto the integers 0..qmax. qmax = 127 (7 bits) is
+    torch.ao's ``reduce_range`` on x86: it keeps the sum of two uint8 x int8 products, which AVX2 computes in 16
+    bits, from saturating. Returns scale (), zero point () and int8 integers in 0..qmax: x ~ (q - zero) * scale."""
+    lo, hi = x.amin().clamp(max=0), x.amax().clamp(min=0)
+    scale = (hi - lo) / qmax
+    scale = torch.where(scale > 0, scale, torch.full_like(scale, 0.1))  # all zeros: fbgemm's choice
+    zero = torch.round(-lo / scale).clamp(0, qmax)  # 0.0 is represented exactly
+    q = torch.round(x / scale + zero).clamp(0, qmax).to(torch.int8)
+    return scale, zero.to(torch.int32), q
 
 
 class Int4Linear(_QuantizedLinear):

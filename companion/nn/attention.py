@@ -128,6 +128,8 @@ def scaled_dot_product_attention(
         raise ValueError("attention weights are only available from backend='math'")
     if mask is not None:
         _check_mask(mask, (b, h, t, s))
+    if is_causal and t == 1:  # one query, at the last position: the causal mask allows every key (a decoding step)
+        is_causal = False
     if is_causal:
         if t != s or mask is not None:  # torch's is_causal is top-left aligned and excludes attn_mask: build it
             mask = merge_masks(mask, causal_mask(t, s, device=q.device))
@@ -310,6 +312,9 @@ class MultiHeadAttention(nn.Module):
         if config.qk_norm:
             self.q_norm = RMSNorm(d, eps=config.qk_norm_eps)
             self.k_norm = RMSNorm(d, eps=config.qk_norm_eps)
+        # one (H + 2G)D x C projection computing q, k and v together (self-attention); None: the three above.
+        # Set for decoding by `companion.inference.optimize.fuse_qkv`, whose weight the three share.
+        self.fused_qkv: nn.Module | None = None
 
     def forward(
         self,
@@ -330,9 +335,15 @@ class MultiHeadAttention(nn.Module):
         if context is not None and kv_cache is not None:
             raise ValueError("kv_cache is for self-attention; cache projected context keys outside this layer")
         source = x if context is None else context
-        q = rearrange(self.q_proj(x), "b t (h d) -> b h t d", h=cfg.n_heads)  # (B, H, T, D)
-        k = rearrange(self.k_proj(source), "b s (g d) -> b g s d", g=cfg.kv_heads)  # (B, G, S, D)
-        v = rearrange(self.v_proj(source), "b s (g d) -> b g s d", g=cfg.kv_heads)  # (B, G, S, D)
+        b, t, n, d = x.shape[0], x.shape[1], source.shape[1], cfg.head_dim
+        # heads split with view + transpose: rearrange "b t (h d) -> b h t d" at a third of its cost per decoding step
+        if self.fused_qkv is not None and context is None:
+            qkv = self.fused_qkv(x).view(b, t, cfg.n_heads + 2 * cfg.kv_heads, d).transpose(1, 2)  # (B, H+2G, T, D)
+            q, k, v = qkv.split((cfg.n_heads, cfg.kv_heads, cfg.kv_heads), dim=1)  # (B, H, T, D), 2 x (B, G, T, D)
+        else:
+            q = self.q_proj(x).view(b, t, cfg.n_heads, d).transpose(1, 2)  # (B, H, T, D)
+            k = self.k_proj(source).view(b, n, cfg.kv_heads, d).transpose(1, 2)  # (B, G, S, D)
+            v = self.v_proj(source).view(b, n, cfg.kv_heads, d).transpose(1, 2)  # (B, G, S, D)
         if cfg.qk_norm:  # each head's query and key vectors get unit RMS (times a learned gain), before RoPE
             q, k = self.q_norm(q), self.k_norm(k)
 
@@ -358,5 +369,5 @@ class MultiHeadAttention(nn.Module):
             backend=backend,
         )
         out, weights = result if need_weights else (result, None)
-        out = rearrange(out, "b h t d -> b t (h d)")  # (B, T, C)
+        out = out.transpose(1, 2).reshape(b, t, cfg.n_heads * out.shape[-1])  # (B, T, C)
         return self.out_proj(out), weights

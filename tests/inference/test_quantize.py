@@ -1,7 +1,9 @@
 """Quantization: error bounds, packing, module outputs against F.linear on dequantized weights, kernels vs the
 dequantize reference, tied weights, saved size, bad configs."""
 
+import copy
 import itertools
+import warnings
 
 import pytest
 import torch
@@ -13,6 +15,7 @@ from companion import GPT, GPTConfig, Llama, LlamaConfig
 from companion.inference.quantize import (
     HAS_INT4PACK,
     HAS_INT8PACK,
+    HAS_DYNAMIC_LINEAR,
     HAS_INT_MM,
     Int4Linear,
     Int8Embedding,
@@ -26,7 +29,7 @@ from companion.inference.quantize import (
     quantize_int4,
     quantize_int8,
     quantize_model,
-    quantize_rows,
+    quantize_activations,
     snr_db,
     state_dict_bytes,
     unpack_int4,
@@ -114,20 +117,67 @@ def test_fused_kernels_are_used():
     assert Int8Linear.from_linear(lin).kernel == Int4Linear.from_linear(lin, 64).kernel == "dequantize"
 
 
+def test_activation_quantization_error_bound_and_zero():
+    x = torch.randn(3, 128, generator=torch.Generator().manual_seed(2)) + 0.5
+    x[0, 0] = 0.0
+    scale, zero, q = quantize_activations(x)
+    assert q.dtype == torch.int8 and int(q.min()) >= 0 and int(q.max()) <= 127
+    x_hat = (q.float() - zero) * scale
+    assert ((x - x_hat).abs() <= scale / 2 * (1 + 1e-5)).all()
+    assert float(x_hat[0, 0]) == 0.0  # zero is represented exactly
+    scale0, zero0, q0 = quantize_activations(torch.zeros(2, 4))
+    assert abs(float(scale0) - 0.1) < 1e-7 and int(zero0) == 0 and not q0.any()
+
+
 @pytest.mark.skipif(not HAS_INT_MM, reason="torch has no _int_mm")
-def test_dynamic_activations_int_mm_matches_reference():
+def test_dynamic_activations_int_mm_matches_reference(monkeypatch):
+    import companion.inference.quantize as quant
+
+    monkeypatch.setattr(quant, "HAS_DYNAMIC_LINEAR", False)  # the _int_mm path
     lin = nn.Linear(128, 48)
     x = torch.randn(3, 128, generator=torch.Generator().manual_seed(2))
     fused = Int8Linear.from_linear(lin, "fused", dynamic_activations=True)
     ref = Int8Linear.from_linear(lin, "dequantize", dynamic_activations=True)
-    # integer products are exact; only the final float rescaling and bias add differ
+    # integer products are exact (the zero point subtracted in integers); only the float rescaling and bias differ
     torch.testing.assert_close(fused(x), ref(x), atol=1e-5, rtol=1e-5)
-    # in float64 the same W8A8 product runs on the reference path (activations still rounded to int8)
+    assert fused._fbgemm_weight() is None
+    # in float64 the same W8A8 product runs on the reference path (activations still rounded to 7 bits)
     torch.testing.assert_close(fused.double()(x.double()), ref(x).double(), atol=1e-5, rtol=1e-5)
-    xs, xq = quantize_rows(x)
-    assert ((x - xq.float() * xs).abs() <= xs / 2 * (1 + 1e-5)).all()
     # W8A8 is close to the float layer: the activation rounding adds a small error
     assert snr_db(lin(x), fused(x)) > 30
+
+
+@pytest.mark.skipif(not HAS_DYNAMIC_LINEAR, reason="no quantized engine with a dynamic int8 linear")
+def test_dynamic_activations_fbgemm_matches_reference_and_quantize_dynamic():
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+
+    torch.manual_seed(0)
+    lin = nn.Linear(128, 48)
+    x = torch.randn(2, 5, 128, generator=torch.Generator().manual_seed(2))
+    fused = Int8Linear.from_linear(lin, "fused", dynamic_activations=True)
+    ref = Int8Linear.from_linear(lin, "dequantize", dynamic_activations=True)
+    assert fused._fbgemm_weight() is not None
+    out, expected = fused(x), ref(x)
+    # the kernel rounds x / scale in its own float order: an activation may land one step away (rarely), which
+    # moves an output by at most scale * max|w| per flipped element
+    bound = 3 * float(quantize_activations(x)[0]) * float(lin.weight.detach().abs().max())
+    assert float((out - expected).abs().max()) <= bound
+    assert snr_db(expected, out) > 40
+    # the kernel is quantize_dynamic's: the same result as torch.ao's module holding our per-channel weights
+    w = fused.weight_q
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # quantized tensors are deprecated (their kernels are not)
+        qw = torch._make_per_channel_quantized_tensor(w.qweight, w.scale.double(), torch.zeros(48, dtype=torch.long), 0)
+        theirs = DynamicLinear(128, 48, dtype=torch.qint8)
+        theirs.set_weight_bias(qw, lin.bias.detach())
+        torch.testing.assert_close(out, theirs(x), atol=0, rtol=0)
+    # a changed bias is packed again; a copy packs on first use
+    with torch.no_grad():
+        fused.bias.add_(1.0)
+    torch.testing.assert_close(fused(x), out + 1.0, atol=1e-5, rtol=1e-5)
+    twin = copy.deepcopy(fused)
+    assert twin._packed is None
+    torch.testing.assert_close(twin(x), fused(x), atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("bits,group_size", [(8, 128), (4, 32)])
