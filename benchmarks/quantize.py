@@ -40,7 +40,7 @@ def variants(model: nn.Module) -> dict:
         "torch.ao dynamic int8": "dynamic",
         "int8 weight-only (dequantize)": QuantConfig(bits=8, kernel="dequantize"),
         "int8 weight-only (int8pack_mm)": QuantConfig(bits=8, kernel="fused"),
-        "int8 W8A8 (_int_mm)": QuantConfig(bits=8, dynamic_activations=True),
+        "int8 W8A8 (fbgemm)": QuantConfig(bits=8, dynamic_activations=True),
         f"int4 g{group} (dequantize)": QuantConfig(bits=4, group_size=group, kernel="dequantize"),
         f"int4 g{group} (int4pack_mm)": QuantConfig(bits=4, group_size=group, kernel="fused"),
         "int4 g32 (dequantize)": QuantConfig(bits=4, group_size=32, kernel="dequantize"),

@@ -10,4 +10,5 @@ from companion.inference.processors import (
     process_logits,
 )
 from companion.inference.kv_cache import PreallocatedKVCache, allocate_kv_caches
+from companion.inference.optimize import optimize_for_decoding, restore_modules
 from companion.inference.speculative import SpeculativeOutput, speculative_generate

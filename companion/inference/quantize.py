@@ -186,9 +186,8 @@ class Int8Linear(_QuantizedLinear):
     def _fbgemm_weight(self):
         """fbgemm's packed copy of qweight and bias (None where the quantized engine cannot run it), packed again
         whenever the weight, its scales or the bias change."""
-        w = self.weight_q
-        tensors = (w.qweight, w.scale) if self.bias is None else (w.qweight, w.scale, self.bias)
-        key = tuple((t.data_ptr(), t._version) for t in tensors)
+        w, b = self.weight_q, self.bias
+        key = (id(w.qweight), w.qweight._version, id(w.scale), w.scale._version, id(b), None if b is None else b._version)
         if self._packed is None or self._packed[0] != key:
             packed = None
             if HAS_DYNAMIC_LINEAR and w.qweight.device.type == "cpu":
@@ -214,9 +213,8 @@ class Int8Linear(_QuantizedLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.dynamic_activations and self.kernel == "fused" and x.dtype == torch.float32:
             packed = self._fbgemm_weight()
-            if packed is not None:  # the bias is added inside the kernel
-                y = torch.ops.quantized.linear_dynamic(x.reshape(-1, self.in_features), packed, True)  # (M, N)
-                return y.view(*x.shape[:-1], self.out_features)
+            if packed is not None:  # the bias is added inside the kernel, which takes (..., K) inputs
+                return torch.ops.quantized.linear_dynamic(x, packed, True)  # (..., N)
         if self.dynamic_activations and (self.kernel == "dequantize" or x.dtype != torch.float32):
             xs, xz, xq = quantize_activations(x.reshape(-1, self.in_features))  # reference W8A8 product, x's dtype
             w = self.weight_q.dequantize().to(x.dtype)

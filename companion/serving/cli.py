@@ -46,17 +46,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def load_for_serving(checkpoint: str) -> tuple[torch.nn.Module, Any]:
-    """``(model, tokenizer)`` of ``checkpoint`` (see the module docstring), in eval mode on the CPU."""
+    """``(model, tokenizer)`` of ``checkpoint`` (see the module docstring), in eval mode on the CPU, with
+    `companion.inference.optimize.optimize_for_decoding` applied (the same tokens, faster batch-1 steps)."""
+    from companion.inference.optimize import optimize_for_decoding
+
     if checkpoint == "smollm2":
         from companion.models import load_smollm2
 
-        return load_smollm2()
+        model, tokenizer = load_smollm2()
+        return optimize_for_decoding(model.eval()), tokenizer
     from companion.training.recipes import load_pretrained
 
     model, tokenizer, card = load_pretrained(checkpoint)
     if card.get("task") != "causal_lm":
         raise ValueError(f"{checkpoint} is a {card.get('task')!r} model; serving needs a causal language model")
-    return model, tokenizer
+    return optimize_for_decoding(model.eval()), tokenizer
 
 
 def main(args: argparse.Namespace) -> int:
