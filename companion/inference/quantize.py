@@ -9,8 +9,9 @@ saved size. Kernels: W8A8 (``dynamic_activations``: activations quantized on eve
 ``torch.ao.quantization.quantize_dynamic``) runs fbgemm's int8 kernel with our weights, or ``torch._int_mm``;
 weight-only runs ``torch._weight_int8pack_mm`` / ``torch._weight_int4pack_mm_for_cpu`` (dequantization fused into
 the matmul), or dequantize-then-``F.linear``, the reference. "auto" picks the integer kernel for W8A8 and dequantize
-for weight-only: on the book's reference CPU (AMD EPYC, torch 2.13) fbgemm's kernel ran 2-4x faster than fp32 at
-batch 1, while the fused weight-only kernels ran slower than dequantize + fp32 matmul (benchmarks/quantize.py).
+for weight-only: on the book's reference CPU (AMD EPYC, torch 2.13), at batch 1 with the weights in DRAM, fbgemm's
+kernel ran 1.4-8x faster than MKL's float32 product (the larger the matrix, the more), while the fused weight-only
+kernels ran slower than float32 (benchmarks/quantize.py times whole models).
 """
 
 from __future__ import annotations
