@@ -5,8 +5,9 @@ Dettmers et al. 2022, without its outlier decomposition); int4 is asymmetric min
 ``group_size`` input columns (scale = (max - min) / 15, zero = min), because a group's weights are rarely
 centred and 16 levels are too few to waste one half of them (the layout GPTQ/AWQ kernels use too).
 Modules keep packed weights and scales as buffers, so ``state_dict`` (and a safetensors file) has the real
-saved size. Kernels: W8A8 (``dynamic_activations``: activations quantized on every call, the scheme of
-``torch.ao.quantization.quantize_dynamic``) runs fbgemm's int8 kernel with our weights, or ``torch._int_mm``;
+saved size. Kernels: W8A8 (``dynamic_activations``: each token's activations quantized on every call, with the
+scheme ``torch.ao.quantization.quantize_dynamic`` applies to a whole tensor) runs fbgemm's int8 kernel with our
+weights for a single token, ``torch._int_mm`` for several;
 weight-only runs ``torch._weight_int8pack_mm`` / ``torch._weight_int4pack_mm_for_cpu`` (dequantization fused into
 the matmul), or dequantize-then-``F.linear``, the reference. "auto" picks the integer kernel for W8A8 and dequantize
 for weight-only: on the book's reference CPU (AMD EPYC, torch 2.13), at batch 1 with the weights in DRAM, fbgemm's
@@ -160,10 +161,13 @@ class _QuantizedLinear(nn.Module):
 
 
 class Int8Linear(_QuantizedLinear):
-    """y = x W^T + b with W int8 per output channel. ``dynamic_activations`` (W8A8): x is quantized too, on every call,
-    as `torch.ao.quantization.quantize_dynamic` does it (`quantize_activations`), and multiplied in integers: by
-    fbgemm's int8 kernel (``torch.ops.quantized.linear_dynamic``, the kernel of quantize_dynamic, here with our
-    per-channel weights) where the quantized engine has it, else by ``torch._int_mm`` with the zero point corrected."""
+    """y = x W^T + b with W int8 per output channel. ``dynamic_activations`` (W8A8): each row (token) of x is quantized
+    too, on every call (`quantize_activations`), and multiplied in integers. A single row, as in batch-1 decoding,
+    runs fbgemm's int8 kernel (``torch.ops.quantized.linear_dynamic``, the kernel of quantize_dynamic, here with our
+    per-channel weights), whose per-tensor activation scheme is exactly ours for one row; several rows, or an
+    engine without fbgemm, run ``torch._int_mm`` with each row's zero point corrected. Per row, not per tensor as
+    quantize_dynamic does it for a whole prompt: one token with huge activations (Llama's first token) would
+    otherwise set the step size of every other token."""
 
     def __init__(self, weight: QuantizedWeight, bias: torch.Tensor | None = None, kernel: Kernel = "auto",
                  dynamic_activations: bool = False) -> None:
@@ -207,12 +211,12 @@ class Int8Linear(_QuantizedLinear):
         w = self.weight_q
         if not self.dynamic_activations:
             return torch._weight_int8pack_mm(x2d.contiguous(), w.qweight, w.scale)  # (M, N)
-        xs, xz, xq = quantize_activations(x2d)  # (), (), int8 (M, K) in 0..127
+        xs, xz, xq = quantize_activations(x2d)  # (M, 1), (M, 1), int8 (M, K) in 0..127
         colsum = w.qweight.sum(dim=1, dtype=torch.int32)  # (N,) the zero point's share of each dot product
         return (torch._int_mm(xq, w.qweight.t()) - xz * colsum).float() * xs * w.scale  # (M, N)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.dynamic_activations and self.kernel == "fused" and x.dtype == torch.float32:
+        if self.dynamic_activations and self.kernel == "fused" and x.dtype == torch.float32 and x.numel() == x.shape[-1]:
             packed = self._fbgemm_weight()
             if packed is not None:  # the bias is added inside the kernel, which takes (..., K) inputs
                 return torch.ops.quantized.linear_dynamic(x, packed, True)  # (..., N)
@@ -225,13 +229,14 @@ class Int8Linear(_QuantizedLinear):
 
 
 def quantize_activations(x: torch.Tensor, qmax: int = 127) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Dynamic activation quantization as quantize_dynamic's fbgemm kernel does it: one asymmetric scale and zero
-    point for the whole tensor, mapping [min(x, 0), max(x, 0)] onto the integers 0..qmax. qmax = 127 (7 bits) is
-    torch.ao's ``reduce_range`` on x86: it keeps the sum of two uint8 x int8 products, which AVX2 computes in 16
-    bits, from saturating. Returns scale (), zero point () and int8 integers in 0..qmax: x ~ (q - zero) * scale."""
-    lo, hi = x.amin().clamp(max=0), x.amax().clamp(min=0)
+    """Dynamic activation quantization of each row (last dimension) as quantize_dynamic's fbgemm kernel quantizes a
+    tensor: an asymmetric scale and zero point mapping [min(row, 0), max(row, 0)] onto the integers 0..qmax. qmax =
+    127 (7 bits) is torch.ao's ``reduce_range`` on x86: it keeps the sum of two uint8 x int8 products, which AVX2
+    computes in 16 bits, from saturating. Returns scale (..., 1), zero point (..., 1) and int8 integers in 0..qmax:
+    x ~ (q - zero) * scale."""
+    lo, hi = x.amin(dim=-1, keepdim=True).clamp(max=0), x.amax(dim=-1, keepdim=True).clamp(min=0)
     scale = (hi - lo) / qmax
-    scale = torch.where(scale > 0, scale, torch.full_like(scale, 0.1))  # all zeros: fbgemm's choice
+    scale = torch.where(scale > 0, scale, torch.full_like(scale, 0.1))  # an all-zero row: fbgemm's choice
     zero = torch.round(-lo / scale).clamp(0, qmax)  # 0.0 is represented exactly
     q = torch.round(x / scale + zero).clamp(0, qmax).to(torch.int8)
     return scale, zero.to(torch.int32), q

@@ -16,8 +16,8 @@ from torch import nn
 
 from companion.inference import GenerationConfig, generate
 import companion.inference.optimize as optimize
-from companion.inference.optimize import (EvalDropout, FusedLayerNorm, FusedRMSNorm, SplitLinear, column_major, fuse_qkv,
-                                          optimize_for_decoding, restore_modules, unfuse_qkv)
+from companion.inference.optimize import (EvalDropout, FusedLayerNorm, FusedRMSNorm, SplitLinear, column_major,
+                                          fuse_int8_qkv, fuse_qkv, optimize_for_decoding, restore_modules, unfuse_qkv)
 from companion.inference.quantize import Int8Linear, QuantConfig, quantize_model
 from companion.models import GPT, GPTConfig, Llama, LlamaConfig
 from companion.nn.attention import AttentionConfig, MultiHeadAttention
@@ -92,13 +92,34 @@ def test_fused_qkv_shares_the_parameters():
     assert not torch.allclose(fused_out, reference)
 
 
-def test_cross_attention_and_quantized_projections_are_not_fused():
+def test_cross_attention_is_not_fused():
     cross = MultiHeadAttention(AttentionConfig(d_model=32, n_heads=4, kv_dim=16))
-    assert not fuse_qkv(cross)
-    model = quantize_model(_model("gpt"), QuantConfig(bits=8))
+    assert not fuse_qkv(cross) and not fuse_int8_qkv(cross)
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_int8_projections_fused(dynamic):
+    model = quantize_model(_model("gpt"), QuantConfig(bits=8, dynamic_activations=dynamic))
+    reference = copy.deepcopy(model)
+    keys = model.state_dict().keys()
     optimize_for_decoding(model)
-    assert all(m.fused_qkv is None for m in model.modules() if isinstance(m, MultiHeadAttention))
-    assert any(isinstance(m, Int8Linear) for m in model.modules())
+    attentions = [m for m in model.modules() if isinstance(m, MultiHeadAttention)]
+    assert all(isinstance(a.fused_qkv, Int8Linear) for a in attentions)
+    assert model.state_dict().keys() == keys  # the fused int8 matrix is not saved
+    a = attentions[0]
+    assert a.q_proj.weight_q.qweight.data_ptr() == a.fused_qkv.weight_q.qweight.data_ptr()  # views, no copy
+    ids = torch.randint(0, 97, (1, 12), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        torch.testing.assert_close(model(ids), reference(ids), rtol=1e-4, atol=1e-4)
+        for t in range(1, 4):  # single rows take fbgemm's kernel under W8A8
+            torch.testing.assert_close(model(ids[:, :t]), reference(ids[:, :t]), rtol=1e-4, atol=1e-4)
+    config = GenerationConfig(max_new_tokens=16)
+    assert torch.equal(generate(model, ids[:, :4], config=config).sequences,
+                       generate(reference, ids[:, :4], config=config).sequences)
+    restore_modules(model)
+    assert all(a.fused_qkv is None for a in attentions)
+    storage = lambda t: t.untyped_storage().data_ptr()  # noqa: E731
+    assert storage(a.q_proj.weight_q.qweight) != storage(a.k_proj.weight_q.qweight)  # own copies again
 
 
 def test_restore_gives_the_plain_model_back(model):

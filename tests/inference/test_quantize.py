@@ -120,13 +120,15 @@ def test_fused_kernels_are_used():
 def test_activation_quantization_error_bound_and_zero():
     x = torch.randn(3, 128, generator=torch.Generator().manual_seed(2)) + 0.5
     x[0, 0] = 0.0
+    x[2] *= 100.0  # a row with huge activations does not coarsen the others: one scale per row
     scale, zero, q = quantize_activations(x)
+    assert scale.shape == zero.shape == (3, 1) and float(scale[2]) > 50 * float(scale[1])
     assert q.dtype == torch.int8 and int(q.min()) >= 0 and int(q.max()) <= 127
     x_hat = (q.float() - zero) * scale
     assert ((x - x_hat).abs() <= scale / 2 * (1 + 1e-5)).all()
     assert float(x_hat[0, 0]) == 0.0  # zero is represented exactly
     scale0, zero0, q0 = quantize_activations(torch.zeros(2, 4))
-    assert abs(float(scale0) - 0.1) < 1e-7 and int(zero0) == 0 and not q0.any()
+    assert torch.allclose(scale0, torch.full((2, 1), 0.1)) and not zero0.any() and not q0.any()
 
 
 @pytest.mark.skipif(not HAS_INT_MM, reason="torch has no _int_mm")
@@ -157,12 +159,15 @@ def test_dynamic_activations_fbgemm_matches_reference_and_quantize_dynamic():
     fused = Int8Linear.from_linear(lin, "fused", dynamic_activations=True)
     ref = Int8Linear.from_linear(lin, "dequantize", dynamic_activations=True)
     assert fused._fbgemm_weight() is not None
-    out, expected = fused(x), ref(x)
+    rows = x.reshape(10, 1, 128)  # one row per call: fbgemm's kernel
+    out = torch.cat([fused(r) for r in rows]).view(2, 5, 48)
+    expected = ref(x)
     # the kernel rounds x / scale in its own float order: an activation may land one step away (rarely), which
     # moves an output by at most scale * max|w| per flipped element
-    bound = 3 * float(quantize_activations(x)[0]) * float(lin.weight.detach().abs().max())
+    bound = 3 * float(quantize_activations(x)[0].max()) * float(lin.weight.detach().abs().max())
     assert float((out - expected).abs().max()) <= bound
     assert snr_db(expected, out) > 40
+    assert float((fused(x) - out).abs().max()) <= bound  # several rows: _int_mm, the same per-row scheme
     # the kernel is quantize_dynamic's: the same result as torch.ao's module holding our per-channel weights
     w = fused.weight_q
     with warnings.catch_warnings():
@@ -170,7 +175,9 @@ def test_dynamic_activations_fbgemm_matches_reference_and_quantize_dynamic():
         qw = torch._make_per_channel_quantized_tensor(w.qweight, w.scale.double(), torch.zeros(48, dtype=torch.long), 0)
         theirs = DynamicLinear(128, 48, dtype=torch.qint8)
         theirs.set_weight_bias(qw, lin.bias.detach())
-        torch.testing.assert_close(out, theirs(x), atol=0, rtol=0)
+        torch.testing.assert_close(out, torch.cat([theirs(r) for r in rows]).view(2, 5, 48), atol=0, rtol=0)
+    x = rows[0]
+    out = fused(x)
     # a changed bias is packed again; a copy packs on first use
     with torch.no_grad():
         fused.bias.add_(1.0)
