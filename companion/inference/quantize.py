@@ -18,6 +18,7 @@ kernels ran slower than float32 (benchmarks/quantize.py times whole models).
 from __future__ import annotations
 
 import fnmatch
+import functools
 import warnings
 from dataclasses import dataclass
 from typing import Literal
@@ -216,16 +217,32 @@ class Int8Linear(_QuantizedLinear):
         return (torch._int_mm(xq, w.qweight.t()) - xz * colsum).float() * xs * w.scale  # (M, N)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.dynamic_activations and self.kernel == "fused" and x.dtype == torch.float32 and x.numel() == x.shape[-1]:
+        integer = self.dynamic_activations and self.kernel == "fused" and x.dtype == torch.float32
+        if integer and x.numel() == x.shape[-1]:
             packed = self._fbgemm_weight()
             if packed is not None:  # the bias is added inside the kernel, which takes (..., K) inputs
                 return torch.ops.quantized.linear_dynamic(x, packed, True)  # (..., N)
-        if self.dynamic_activations and (self.kernel == "dequantize" or x.dtype != torch.float32):
+        if integer and not int_mm_is_exact():
+            integer = False  # the same W8A8 product, on the reference path
+        if self.dynamic_activations and not integer:
             xs, xz, xq = quantize_activations(x.reshape(-1, self.in_features))  # reference W8A8 product, x's dtype
             w = self.weight_q.dequantize().to(x.dtype)
             y = F.linear((xq.to(x.dtype) - xz) * xs, w).view(*x.shape[:-1], self.out_features)
             return y if self.bias is None else y + self.bias
         return super().forward(x)
+
+
+@functools.cache
+def int_mm_is_exact() -> bool:
+    """Whether ``torch._int_mm`` gives exact integer sums here, checked once on a small product. With torch 2.13 and
+    oneDNN held to AVX2 or SSE4.1 (``ONEDNN_MAX_CPU_ISA``, as CI simulates an older CPU) it returns wrong sums, so
+    W8A8 then computes the same product on its float reference path."""
+    if not HAS_INT_MM:
+        return False
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(-127, 128, (17, 64), dtype=torch.int8, generator=g)
+    b = torch.randint(-127, 128, (64, 24), dtype=torch.int8, generator=g)
+    return torch.equal(torch._int_mm(a, b).long(), a.long() @ b.long())
 
 
 def quantize_activations(x: torch.Tensor, qmax: int = 127) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -131,10 +131,35 @@ def test_activation_quantization_error_bound_and_zero():
     assert torch.allclose(scale0, torch.full((2, 1), 0.1)) and not zero0.any() and not q0.any()
 
 
+@pytest.mark.parametrize("exact", [True, False])
+def test_w8a8_several_rows_equal_the_reference_whether_or_not_int_mm_is_exact(exact, monkeypatch):
+    import companion.inference.quantize as quant
+
+    if exact and not quant.int_mm_is_exact():
+        pytest.skip("torch._int_mm is not exact on this machine (the case exact=False covers it)")
+    monkeypatch.setattr(quant, "int_mm_is_exact", lambda: exact)
+    lin = nn.Linear(128, 48)
+    x = torch.randn(4, 128, generator=torch.Generator().manual_seed(3))
+    fused = Int8Linear.from_linear(lin, "fused", dynamic_activations=True)
+    ref = Int8Linear.from_linear(lin, "dequantize", dynamic_activations=True)
+    torch.testing.assert_close(fused(x), ref(x), atol=1e-5, rtol=1e-5)
+
+
+def test_int_mm_probe_agrees_with_a_product():
+    import companion.inference.quantize as quant
+
+    a = torch.randint(-127, 128, (9, 32), dtype=torch.int8, generator=torch.Generator().manual_seed(4))
+    b = torch.randint(-127, 128, (32, 8), dtype=torch.int8, generator=torch.Generator().manual_seed(5))
+    if HAS_INT_MM:  # the probe's verdict holds for another product too
+        assert torch.equal(torch._int_mm(a, b).long(), a.long() @ b.long()) == quant.int_mm_is_exact()
+
+
 @pytest.mark.skipif(not HAS_INT_MM, reason="torch has no _int_mm")
 def test_dynamic_activations_int_mm_matches_reference(monkeypatch):
     import companion.inference.quantize as quant
 
+    if not quant.int_mm_is_exact():
+        pytest.skip("torch._int_mm is not exact on this machine")
     monkeypatch.setattr(quant, "HAS_DYNAMIC_LINEAR", False)  # the _int_mm path
     lin = nn.Linear(128, 48)
     x = torch.randn(3, 128, generator=torch.Generator().manual_seed(2))
