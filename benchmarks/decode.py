@@ -38,7 +38,7 @@ from torch import nn
 
 sys.path[0] = str(Path(__file__).resolve().parent.parent)  # the repo, not benchmarks/ (its tokenizers.py shadows the package)
 from companion.inference import GenerationConfig, generate  # noqa: E402
-from companion.inference.optimize import column_major, optimize_for_decoding  # noqa: E402
+from companion.inference.optimize import column_major, optimize_for_decoding, split_product  # noqa: E402
 from companion.models import GPT, GPTConfig, save_pretrained  # noqa: E402
 
 
@@ -73,8 +73,7 @@ def kernel_table(model: nn.Module, repeats: int = 9) -> None:
     shapes = sorted({tuple(m.weight.shape) for m in model.modules() if isinstance(m, nn.Linear)})
     flush = torch.ones(16 * 2**20)  # 64 MiB, more than the last-level cache
     def split(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:  # SplitLinear's product, P = threads
-        p = torch.get_num_threads()
-        return torch.bmm(x.expand(p, 1, -1), w.unflatten(0, (p, -1)).transpose(1, 2)).view(1, -1)
+        return split_product(x, w, None, torch.get_num_threads())
 
     kernels = {"row-major": F.linear, "column-major": F.linear, "row-major, split": split,
                "column-major, split": split}

@@ -33,7 +33,7 @@ from companion.nn.layers import LayerNorm, RMSNorm, _compute_dtype
 
 LinearKernel = Literal["auto", "torch"]
 
-__all__ = ["SplitLinear", "column_major", "FusedLayerNorm", "FusedRMSNorm", "EvalDropout", "fuse_qkv", "fuse_int8_qkv",
+__all__ = ["SplitLinear", "split_product", "column_major", "FusedLayerNorm", "FusedRMSNorm", "EvalDropout", "fuse_qkv", "fuse_int8_qkv",
            "unfuse_qkv", "optimize_for_decoding", "restore_modules"]
 
 SPLIT_MIN_ELEMENTS = 2**16  # smaller matrices (under 256 KB in float32) gain nothing from a split
@@ -49,14 +49,21 @@ class SplitLinear(nn.Linear):
         n, k = w.shape
         if (p > 1 and n % p == 0 and x.numel() == k and w.numel() >= SPLIT_MIN_ELEMENTS and x.device.type == "cpu"
                 and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))):
-            blocks = w.unflatten(0, (p, n // p)).transpose(1, 2)  # (P, K, N/P) views, any layout of w
-            rows = x.reshape(1, 1, k).expand(p, 1, k)  # (P, 1, K)
-            if self.bias is None:
-                y = torch.bmm(rows, blocks)  # (P, 1, N/P)
-            else:
-                y = torch.baddbmm(self.bias.view(p, 1, n // p), rows, blocks)  # (P, 1, N/P)
-            return y.view(*x.shape[:-1], n)  # (..., N): block j holds outputs j N/P .. (j + 1) N/P - 1
+            return split_product(x, w, self.bias, p)
         return super().forward(x)
+
+
+def split_product(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, p: int) -> torch.Tensor:
+    """x (..., K) holding one row, times w (N, K) in any layout, plus bias: P products over blocks of N / P output
+    rows in one ``torch.bmm`` / ``torch.baddbmm``; (..., N)."""
+    n, k = w.shape
+    blocks = w.unflatten(0, (p, n // p)).transpose(1, 2)  # (P, K, N/P) views
+    rows = x.reshape(1, 1, k).expand(p, 1, k)  # (P, 1, K)
+    if bias is None:
+        y = torch.bmm(rows, blocks)  # (P, 1, N/P)
+    else:
+        y = torch.baddbmm(bias.view(p, 1, n // p), rows, blocks)  # (P, 1, N/P)
+    return y.view(*x.shape[:-1], n)  # block j holds outputs j N/P .. (j + 1) N/P - 1
 
 
 def column_major(w: torch.Tensor) -> torch.Tensor:
@@ -187,8 +194,8 @@ def optimize_for_decoding(model: nn.Module, *, linear: LinearKernel = "auto", no
     nn.Linear a `SplitLinear`; "torch" leaves them as they are. ``norms``: LayerNorm / RMSNorm / Dropout become
     `FusedLayerNorm` / `FusedRMSNorm` / `EvalDropout`. ``qkv``: self-attention layers get `fuse_qkv` (or
     `fuse_int8_qkv` for int8 projections). Modules of other classes (quantized or LoRA layers, subclasses) are left
-    alone otherwise, so quantize first. Call it after moving
-    the model to its device and dtype; `restore_modules` undoes it.
+    alone otherwise, so quantize first. Call it after moving the model to its device and dtype; `restore_modules`
+    undoes it.
     """
     if linear not in ("auto", "torch"):
         raise ValueError(f"linear must be 'auto' or 'torch', got {linear!r}")
