@@ -4,8 +4,11 @@ minimal nanoGPT-style model written here, on the same shape, in fp32 and under b
     .venv/bin/python benchmarks/train_step.py [--rounds 5] [--steps 3] [--threads 2] [--profile]
 
 Shape: 6 layers, 6 heads, width 384, context 256, vocabulary 8,000, batch 8, dropout 0, tied head (about 14M
-parameters). All three use torch.optim.AdamW (lr 3e-4, foreach) and the next-token loss on T - 1 positions. bf16 runs
-only where the CPU has bfloat16 instructions (`companion.runtime.cpu_has_native_bf16`). Each round times every
+parameters). All use torch.optim.AdamW (lr 3e-4) and the next-token loss on T - 1 positions, each computed its own
+way: ours by the fused head of the trainer (``model(ids, labels=ids)``, `companion.objectives.linear_cross_entropy`),
+``--models ours-logits`` by logits and `causal_lm_loss`, the minimal model by logits and shifted labels, transformers
+by ``labels=``. bf16 runs only where the CPU has bfloat16 instructions (`companion.runtime.cpu_has_native_bf16`).
+The norms are nn.LayerNorm's kernel in all three (ours: `companion.nn.LayerNorm`). Each round times every
 (model, precision) once, in alternating order; reported are the medians over rounds of tokens/s and of the per-round
 ratios, so drift of a shared machine hits all sides alike. MFU (PaLM, Appendix B) divides the model FLOP/s,
 `flops_per_token(config, head=True, full_attention=True)` per token, by the fp32 matmul peak measured here
@@ -97,6 +100,8 @@ def mini_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 def build(name: str) -> tuple[nn.Module, Callable[[nn.Module, torch.Tensor], torch.Tensor]]:
     torch.manual_seed(0)
     if name == "ours":
+        return GPT(CONFIG), lambda m, ids: m(ids, labels=ids)  # the trainer's path: the fused head, no logits
+    if name == "ours-logits":  # the same model with the plain head: logits, then causal_lm_loss
         return GPT(CONFIG), lambda m, ids: causal_lm_loss(m(ids), ids)
     if name == "minimal":
         return MiniGPT(CONFIG), mini_loss
@@ -147,7 +152,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     parser.add_argument("--batch-size", type=int, default=8, help="sequences per step")
     parser.add_argument("--models", nargs="+", default=["ours", "minimal", "transformers"],
-                        choices=["ours", "minimal", "transformers"], help="implementations to time")
+                        choices=["ours", "ours-logits", "minimal", "transformers"],
+                        help="implementations to time (ours-logits: our GPT with logits and causal_lm_loss)")
     parser.add_argument("--profile", action="store_true", help="also print torch.profiler's top operators")
     parser.add_argument("--profile-top", type=int, default=12, help="operators listed per profile")
     args = parser.parse_args()

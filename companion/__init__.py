@@ -59,8 +59,8 @@ _LAZY = {
     **dict.fromkeys(["NGramLM", "NGramConfig", "MLPLanguageModel", "MLPLMConfig", "context_windows",
                      "perplexity_from_nll"], "companion.lm_basics"),
     # pretraining objectives and the trainer
-    **dict.fromkeys(["causal_lm_loss", "mask_tokens", "nsp_pairs", "bert_pretraining_loss", "MaskingConfig"],
-                    "companion.objectives"),
+    **dict.fromkeys(["causal_lm_loss", "linear_cross_entropy", "fused_causal_lm_loss", "mask_tokens", "nsp_pairs",
+                     "bert_pretraining_loss", "MaskingConfig"], "companion.objectives"),
     **dict.fromkeys(["Trainer", "TrainConfig", "OptimizerConfig", "lr_at", "build_optimizer", "save_checkpoint",
                      "load_checkpoint", "History", "plot_history", "MemoryEstimate", "estimate_memory",
                      "memory_table", "format_gib"], "companion.training"),

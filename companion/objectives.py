@@ -1,6 +1,9 @@
 """Pretraining objectives: the causal LM loss (GPT, Radford et al., 2018) with an optional z-loss (PaLM), BERT's masked LM with the 80/10/10
 rule and next-sentence prediction (Devlin et al., 2019).
 
+The same causal loss from the final hidden states and the output matrix, without forming the logits:
+`linear_cross_entropy` / `fused_causal_lm_loss` (the fused output head of ``GPT``/``Llama`` ``labels=``).
+
 Design choices: losses take logits and labels (no model inside), labels use ``IGNORE_INDEX`` = -100 for
 positions that do not count, and every random choice draws from an explicit ``torch.Generator`` or
 ``random.Random`` so that masks and pairs are reproducible. Label conventions follow Hugging Face
@@ -87,6 +90,121 @@ def z_loss_term(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = 
     squares = log_z.square()[counted]  # (N,)
     return squares.mean() if reduction == "mean" else squares.sum()
 
+
+
+# ------------------------------------------------------------------ the loss from hidden states: a fused output head
+def default_chunk_rows(vocab_size: int) -> int:
+    """Rows of logits `linear_cross_entropy` forms at a time: about 2^21 logits (8 MiB in float32), 16 to 1024 rows."""
+    return max(16, min(1024, 2**21 // max(vocab_size, 1)))
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Cross-entropy of ``hidden @ weight.T`` whose gradients are computed in the forward, chunk by chunk.
+
+    The (N, V) logits never exist at once: for each block of rows the logits are formed, turned into the per-row loss
+    and into d loss / d logits = softmax(1 + 2 z log Z) - onehot (zero on ignored rows), and multiplied straight into
+    d hidden (N, C) and d weight (V, C). Only those two are saved; the backward scales them by the incoming gradient
+    (a GradScaler's scale, a micro-batch weight). The matrix products are those of the plain head (three per row), in
+    the autocast dtype when autocast is on; softmax and the sums run in at least float32.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, ignore_index, mean, z_loss, chunk, need_grad):  # noqa: D102
+        dtype = hidden.dtype
+        if torch.is_autocast_enabled(hidden.device.type) and dtype in (torch.float32, torch.float16, torch.bfloat16):
+            dtype = torch.get_autocast_dtype(hidden.device.type)
+        acc = torch.promote_types(dtype, torch.float32)  # softmax, loss and d weight accumulate here
+        with torch.autocast(hidden.device.type, enabled=False):
+            h_all, w = hidden.to(dtype), weight.to(dtype)  # (N, C), (V, C)
+            total = torch.zeros((), dtype=acc, device=hidden.device)
+            grad_h = torch.empty_like(hidden) if need_grad[0] else None  # (N, C)
+            grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_grad[1] else None  # (V, C)
+            for start in range(0, hidden.shape[0], chunk):
+                h, y = h_all[start:start + chunk], labels[start:start + chunk]  # (n, C), (n,)
+                logits = (h @ w.t()).to(acc)  # (n, V)
+                log_z = torch.logsumexp(logits, dim=-1)  # (n,)
+                counted = y != ignore_index  # (n,)
+                target = y.masked_fill(~counted, 0)  # (n,): a valid index on ignored rows, which count 0
+                row = log_z - logits.gather(1, target[:, None])[:, 0]  # (n,) -log p(y)
+                if z_loss:
+                    row = row + z_loss * log_z.square()
+                total += row.masked_fill(~counted, 0).sum()
+                if grad_h is None and grad_w is None:
+                    continue
+                g = logits.sub_(log_z[:, None]).exp_()  # (n, V) softmax, in place of the logits
+                if z_loss:
+                    g.mul_((1 + 2 * z_loss * log_z)[:, None])
+                g[torch.arange(g.shape[0], device=g.device), target] -= 1
+                g.mul_(counted[:, None].to(acc))  # ignored rows contribute nothing
+                g = g.to(dtype)
+                if grad_h is not None:
+                    grad_h[start:start + chunk] = g @ w  # (n, C)
+                if grad_w is not None:
+                    grad_w += g.t() @ h  # (V, C)
+        if mean:  # divide by the number of counted rows (the loss and both gradients)
+            scale = 1 / labels.ne(ignore_index).sum().to(acc)
+            total = total * scale
+            grad_h = None if grad_h is None else grad_h.mul_(scale.to(grad_h.dtype))
+            grad_w = None if grad_w is None else grad_w.mul_(scale)
+        ctx.save_for_backward(grad_h, None if grad_w is None else grad_w.to(weight.dtype))
+        return total.to(torch.promote_types(hidden.dtype, torch.float32))
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss):  # noqa: D102
+        grad_h, grad_w = ctx.saved_tensors
+        return (None if grad_h is None else grad_h * grad_loss.to(grad_h.dtype),
+                None if grad_w is None else grad_w * grad_loss.to(grad_w.dtype), None, None, None, None, None, None)
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                         ignore_index: int = IGNORE_INDEX, reduction: str = "mean", z_loss: float = 0.0,
+                         chunk_rows: int | None = None) -> torch.Tensor:
+    """``token_cross_entropy(hidden @ weight.T, labels)`` (+ ``z_loss`` times the z-term) without the (N, V) logits.
+
+    hidden: (..., C) final hidden states; weight: (V, C), the output head (a tied embedding); labels: (...). Rows are
+    processed ``chunk_rows`` at a time (default `default_chunk_rows`), and the gradients are formed in the same pass
+    (the fused linear cross-entropy of Liger Kernel, Hsu et al., 2024, and Cut Cross-Entropy, Wijmans et al., 2025):
+    the memory of the head falls from N x V float32 logits and their log-softmax to d hidden and d weight, and a CPU
+    training step saves the log-softmax's passes over N x V memory (`benchmarks/train_step.py`). Equal to the plain
+    loss and its gradients to float rounding (tests). The gradients cost two matrix products in the forward, which is
+    why the forward skips them when nothing needs a gradient (under ``torch.no_grad`` or for frozen tensors); it is
+    differentiable once (no double backward).
+    """
+    if hidden.shape[:-1] != labels.shape:
+        raise ValueError(f"hidden {tuple(hidden.shape)} and labels {tuple(labels.shape)} disagree: hidden must be "
+                         "labels.shape + (C,)")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"weight must be (V, {hidden.shape[-1]}), got shape {tuple(weight.shape)}")
+    if not (isinstance(reduction, str) and reduction in ("mean", "sum")):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    if chunk_rows is not None and chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be positive, got {chunk_rows!r}")
+    flat_labels = labels.reshape(-1)  # (N,)
+    if reduction == "mean" and not bool((flat_labels != ignore_index).any()):
+        raise ValueError(f"every label equals ignore_index={ignore_index}: the mean loss is undefined")
+    grad = torch.is_grad_enabled()
+    need_grad = (grad and hidden.requires_grad, grad and weight.requires_grad)
+    chunk = chunk_rows or default_chunk_rows(weight.shape[0])
+    return _LinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, flat_labels, ignore_index,
+                                     reduction == "mean", float(z_loss), chunk, need_grad)
+
+
+def fused_causal_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                         ignore_index: int = IGNORE_INDEX, reduction: str = "mean", z_loss: float = 0.0,
+                         chunk_rows: int | None = None) -> torch.Tensor:
+    """`causal_lm_loss` (z-loss included) of the logits ``hidden @ weight.T``, by `linear_cross_entropy`.
+
+    hidden: (B, T, C); weight: (V, C); labels: (B, T) unshifted. The labels shift instead of the hidden states (row t
+    is scored against label t + 1, the last row against nothing), so no (B, T - 1, C) copy is made.
+    """
+    if hidden.dim() != 3 or labels.shape != hidden.shape[:2]:
+        raise ValueError(f"fused_causal_lm_loss expects hidden (B, T, C) and labels (B, T), got "
+                         f"{tuple(hidden.shape)} and {tuple(labels.shape)}")
+    if hidden.shape[1] < 2:
+        raise ValueError(f"need at least 2 positions to predict a next token, got T={hidden.shape[1]}")
+    shifted = F.pad(labels[:, 1:], (0, 1), value=ignore_index)  # (B, T): the last position has no target
+    return linear_cross_entropy(hidden, weight, shifted, ignore_index, reduction, z_loss, chunk_rows)
 
 # ----------------------------------------------------------------------------------------- masked LM
 @dataclass(frozen=True)

@@ -11,7 +11,8 @@ and on how many cores work on it. Measured on the book's reference CPU (AMD EPYC
   still one dot product summed in the same order (`SplitLinear`).
 
 The rest of a step is dispatch overhead, cut by fewer, larger kernels: one q/k/v matmul instead of three
-(`fuse_qkv`), one norm kernel instead of eight elementwise ops, no dropout calls. `optimize_for_decoding` does all
+(`fuse_qkv`), one RMSNorm kernel instead of five elementwise ops (`LayerNorm` is one kernel already), no dropout
+calls. `optimize_for_decoding` does all
 of it in place, the way ``ipex.optimize`` does: it changes the class of modules and the memory layout of wide
 weights, and lets q/k/v share one matrix; parameters, tied weights and ``state_dict`` keep their names, shapes and
 values, and only ``forward`` differs. Results agree with the plain modules to float32 rounding (tests), not bit for
@@ -29,11 +30,11 @@ from torch import nn
 
 from companion.inference.quantize import Int8Linear, QuantizedWeight
 from companion.nn.attention import MultiHeadAttention
-from companion.nn.layers import LayerNorm, RMSNorm, _compute_dtype
+from companion.nn.layers import RMSNorm, _compute_dtype
 
 LinearKernel = Literal["auto", "torch"]
 
-__all__ = ["SplitLinear", "split_product", "column_major", "FusedLayerNorm", "FusedRMSNorm", "EvalDropout", "fuse_qkv", "fuse_int8_qkv",
+__all__ = ["SplitLinear", "split_product", "column_major", "FusedRMSNorm", "EvalDropout", "fuse_qkv", "fuse_int8_qkv",
            "unfuse_qkv", "optimize_for_decoding", "restore_modules"]
 
 SPLIT_MIN_ELEMENTS = 2**16  # smaller matrices (under 256 KB in float32) gain nothing from a split
@@ -72,14 +73,6 @@ def column_major(w: torch.Tensor) -> torch.Tensor:
     return w.t().contiguous().t()
 
 
-class FusedLayerNorm(LayerNorm):
-    """`companion.nn.layers.LayerNorm` computed by one ``F.layer_norm`` kernel instead of eight elementwise ops."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.to(_compute_dtype(x.dtype))
-        return F.layer_norm(h, self.weight.shape, self.weight, self.bias, self.eps).to(x.dtype)
-
-
 class FusedRMSNorm(RMSNorm):
     """`companion.nn.layers.RMSNorm` computed by one ``F.rms_norm`` kernel."""
 
@@ -95,8 +88,8 @@ class EvalDropout(nn.Dropout):
         return x if not self.training or self.p == 0 else super().forward(x)
 
 
-_SWAPS: dict[type, type] = {LayerNorm: FusedLayerNorm, RMSNorm: FusedRMSNorm, nn.Dropout: EvalDropout}
-_RESTORE: dict[type, type] = {FusedLayerNorm: LayerNorm, FusedRMSNorm: RMSNorm, EvalDropout: nn.Dropout,
+_SWAPS: dict[type, type] = {RMSNorm: FusedRMSNorm, nn.Dropout: EvalDropout}
+_RESTORE: dict[type, type] = {FusedRMSNorm: RMSNorm, EvalDropout: nn.Dropout,
                               SplitLinear: nn.Linear}
 _PLAIN_LINEAR = (nn.Linear, SplitLinear)
 
@@ -191,8 +184,8 @@ def optimize_for_decoding(model: nn.Module, *, linear: LinearKernel = "auto", no
     """Make ``model`` decode faster in place and return it.
 
     ``linear``: "auto" stores every wide nn.Linear weight (out >= in) `column_major` (on CPU) and makes every
-    nn.Linear a `SplitLinear`; "torch" leaves them as they are. ``norms``: LayerNorm / RMSNorm / Dropout become
-    `FusedLayerNorm` / `FusedRMSNorm` / `EvalDropout`. ``qkv``: self-attention layers get `fuse_qkv` (or
+    nn.Linear a `SplitLinear`; "torch" leaves them as they are. ``norms``: RMSNorm / Dropout become `FusedRMSNorm` /
+    `EvalDropout`. ``qkv``: self-attention layers get `fuse_qkv` (or
     `fuse_int8_qkv` for int8 projections). Modules of other classes (quantized or LoRA layers, subclasses) are left
     alone otherwise, so quantize first. Call it after moving the model to its device and dtype; `restore_modules`
     undoes it.
@@ -234,7 +227,7 @@ def _fused_modules(attentions: list[MultiHeadAttention]) -> set[nn.Module]:
 
 
 def restore_modules(model: nn.Module) -> nn.Module:
-    """Undo `optimize_for_decoding` in place: plain nn.Linear with row-major weights, LayerNorm, RMSNorm and
+    """Undo `optimize_for_decoding` in place: plain nn.Linear with row-major weights, RMSNorm and
     Dropout, unfused q/k/v."""
     for module in list(model.modules()):
         if isinstance(module, MultiHeadAttention):

@@ -20,6 +20,7 @@ from companion.nn.block import BlockConfig, TransformerBlock
 from companion.nn.layers import FFNKind, LayerNorm
 from companion.nn.moe import MoE, MoEConfig
 from companion.nn.positional import LearnedPositionalEmbedding
+from companion.objectives import fused_causal_lm_loss
 
 
 @dataclass(frozen=True)
@@ -103,8 +104,14 @@ class GPT(nn.Module):
         return None if self.config.moe is None else MoE(self.config.d_model, self.config.moe)
 
     def forward(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                kv_caches: Sequence[KVCacheLike] | None = None) -> torch.Tensor:
-        return self.lm_head(self.features(idx, attention_mask, kv_caches))  # (B, T, V)
+                kv_caches: Sequence[KVCacheLike] | None = None, *, labels: torch.Tensor | None = None,
+                z_loss: float = 0.0) -> torch.Tensor:
+        """Logits (B, T, V); with ``labels`` (B, T) the causal LM loss instead, by `fused_causal_lm_loss` from the
+        final hidden states (no logits are formed; the training path of `companion.training`)."""
+        hidden = self.features(idx, attention_mask, kv_caches)  # (B, T, C)
+        if labels is not None:
+            return fused_causal_lm_loss(hidden, self.lm_head.weight, labels, z_loss=z_loss)
+        return self.lm_head(hidden)  # (B, T, V)
 
     def features(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  kv_caches: Sequence[KVCacheLike] | None = None) -> torch.Tensor:

@@ -25,7 +25,12 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 class LayerNorm(nn.Module):
-    """y = (x - mean) / sqrt(var + eps) * weight + bias over the last dimension (biased variance)."""
+    """y = (x - mean) / sqrt(var + eps) * weight + bias over the last dimension (biased variance).
+
+    One ``F.layer_norm`` kernel (4.4 writes the formula out and checks it against this): it saves only its input and
+    a float32 mean and rstd per token for the backward, where the eight elementwise ops of the formula save three
+    C-wide tensors, and a GPT training step runs 10-17% faster (`benchmarks/train_step.py`).
+    """
 
     def __init__(self, dim: int, eps: float = 1e-5, bias: bool = True) -> None:
         super().__init__()
@@ -35,12 +40,8 @@ class LayerNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x.to(_compute_dtype(x.dtype))
-        mean = h.mean(dim=-1, keepdim=True)
-        var = h.var(dim=-1, keepdim=True, unbiased=False)
-        y = (h - mean) * torch.rsqrt(var + self.eps) * self.weight
-        if self.bias is not None:
-            y = y + self.bias
-        return y.to(x.dtype)
+        bias = None if self.bias is None else self.bias.to(h.dtype)
+        return F.layer_norm(h, self.weight.shape, self.weight.to(h.dtype), bias, self.eps).to(x.dtype)
 
 
 class RMSNorm(nn.Module):

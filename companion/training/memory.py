@@ -8,8 +8,9 @@ Recomputation in Large Transformer Models" (their 34sbh + 5as^2b bytes per layer
 package's forward (`companion.nn.block`): what autograd saves for the backward, the figure
 `torch.autograd.graph.saved_tensors_hooks` measures in the tests. Design choices, where the paper differs:
 
-* Norms compute in float32 from the primitive ops, so a LayerNorm keeps its input, x - mean and the normalised x
-  (three C-wide float32 tensors, RMSNorm two) instead of one fused input; rsqrt is one float per token.
+* Norms compute in float32. LayerNorm is one ``F.layer_norm`` kernel: it keeps its float32 input and a mean and a
+  rstd per token. RMSNorm is written from the primitive ops: it keeps its input and the normalised x (two C-wide
+  float32 tensors) and one rsqrt per token.
 * backend="torch" (`F.scaled_dot_product_attention`, a flash-style kernel) keeps q, k, v, the output and a float32
   log-sum-exp, no T x T matrix; backend="math" keeps the softmax output (B, H, T, T) and a (T, T) boolean mask.
   Under CUDA autocast softmax runs in float32 and the matmul takes a 16-bit copy: 4 + 2 bytes per score.
@@ -20,7 +21,10 @@ package's forward (`companion.nn.block`): what autograd saves for the backward, 
   it). At ZeRO stage 3 those copies are gathered block by block and freed (FSDP mixed precision): not counted.
 * "bf16-pure" stores the model in bfloat16 (2 bytes weights and gradients) with an fp32 master copy in the optimizer.
 * Activation checkpointing keeps each block's input and recomputes one block at a time during the backward.
-* The loss is `companion.objectives.causal_lm_loss`: a float32 log-softmax over T - 1 positions and int64 labels.
+* The loss is `companion.objectives.causal_lm_loss` of the logits: a float32 log-softmax over T - 1 positions and
+  int64 labels. With ``fused_head`` it is the model's ``labels=`` path (`companion.objectives.linear_cross_entropy`,
+  the trainer's): no logits, the head saves d hidden (B, T, C) and d weight (V, C), and autocast makes no saved
+  16-bit copy of the output matrix.
 """
 
 from __future__ import annotations
@@ -102,9 +106,15 @@ def matrix_parameters(config: DecoderConfig) -> int:
 
 
 def _norm_bytes(kind: str, c: int) -> int:
-    """Per token, inside a norm computing in float32: input, (x - mean) and normalised x for LayerNorm (RMSNorm has
-    no mean), plus the float32 rsqrt."""
-    return (3 if kind == "layer" else 2) * FP32 * c + FP32
+    """Per token, inside a norm computing in float32: LayerNorm's fused kernel keeps its input, a mean and a rstd;
+    RMSNorm (primitive ops) keeps its input, the normalised x and a rsqrt."""
+    return FP32 * c + 2 * FP32 if kind == "layer" else 2 * FP32 * c + FP32
+
+
+def _norm_weight_copies(kind: str, c: int, precision: str, bias: bool) -> int:
+    """Per norm, not per token: under "bf16-pure" LayerNorm casts its bf16 gain (and bias) to float32 for the
+    float32 kernel, which saves the copies."""
+    return FP32 * c * (2 if bias else 1) if kind == "layer" and precision == "bf16-pure" else 0
 
 
 def _linear_inputs(precision: str, c: int, readers: int) -> int:
@@ -127,6 +137,7 @@ def block_activation_bytes(config: DecoderConfig, batch_size: int, seq_len: int,
     per_token = 2 * _norm_bytes(b.norm, c)  # norm1 and norm2 (their inputs are the residual stream)
     per_token += _linear_inputs(precision, c, 3) + _linear_inputs(precision, c, 2 if swiglu else 1)
     constant = 4 * t * d * FP32 if b.positional == "rope" else 0  # float32 cos and sin, for q and for k
+    constant += 2 * _norm_weight_copies(b.norm, c, precision, b.bias)
     if b.backend == "torch":  # fused kernel: q, k, v (G heads), output (= out_proj input) and log-sum-exp
         per_token += a * (2 * c + 2 * g * d) + FP32 * h
     else:  # the formula: copies of q, k, v (H heads) for the matmuls, the output, the softmax and the causal mask
@@ -141,31 +152,39 @@ def block_activation_bytes(config: DecoderConfig, batch_size: int, seq_len: int,
 
 
 def head_activation_bytes(config: DecoderConfig, batch_size: int, seq_len: int,
-                          precision: PrecisionName = "fp32") -> int:
+                          precision: PrecisionName = "fp32", *, fused_head: bool = False) -> int:
     """Bytes saved outside the blocks: token ids, embedding dropout, final norm, output head input, the float32
-    log-softmax and int64 labels of the loss over T - 1 positions. Autocast's weight copies are not included."""
+    log-softmax and int64 labels of the loss over T - 1 positions. With ``fused_head``, d hidden and d weight (in
+    the dtypes of the hidden states and of the weight) instead of the head input, log-softmax and labels. Autocast's
+    weight copies are not included."""
     _check_config(config)
     _check_precision(precision)
     _check_shape(config, batch_size, seq_len)
     b, c, v = config.block(), config.d_model, config.vocab_size
     dropout = c * MASK if isinstance(config, GPTConfig) and config.dropout > 0 else 0
-    per_token = INT64 + dropout + _norm_bytes(b.norm, c) + _linear_inputs(precision, c, 1)
+    per_token = INT64 + dropout + _norm_bytes(b.norm, c)
+    norm_copies = _norm_weight_copies(b.norm, c, precision, b.bias)
+    if fused_head:
+        model_bytes = 2 if precision == "bf16-pure" else FP32  # the hidden states and the weight are in this dtype
+        return batch_size * seq_len * (per_token + model_bytes * c) + v * c * model_bytes + norm_copies
+    per_token += _linear_inputs(precision, c, 1)
     loss = batch_size * (seq_len - 1) * (FP32 * v + INT64) + FP32  # log-softmax output, labels, total weight
-    return batch_size * seq_len * per_token + loss
+    return batch_size * seq_len * per_token + loss + norm_copies
 
 
 def activation_bytes(config: DecoderConfig, batch_size: int, seq_len: int, precision: PrecisionName = "fp32", *,
-                     checkpointing: bool = False, weight_copies: bool = True) -> int:
+                     checkpointing: bool = False, weight_copies: bool = True, fused_head: bool = False) -> int:
     """Bytes saved for the backward of one micro-batch (batch_size, seq_len).
 
     Without checkpointing: every block's activations. With it: every block's input (the residual stream, float32
     except for "bf16-pure") plus one recomputed block, whose first norm reads one of those inputs; the head's
     tensors are still counted (they are freed only when the backward reaches them, just before the first
-    recomputation). Under autocast the 16-bit weight copies (2 bytes per matrix parameter) are added unless
-    ``weight_copies`` is False.
+    recomputation). Under autocast the 16-bit weight copies (2 bytes per matrix parameter; the output matrix not
+    with ``fused_head``, which casts it without saving the copy) are added unless ``weight_copies`` is False.
+    ``fused_head``: the loss of the model's ``labels=`` path (see `head_activation_bytes`).
     """
     block = block_activation_bytes(config, batch_size, seq_len, precision)
-    head = head_activation_bytes(config, batch_size, seq_len, precision)
+    head = head_activation_bytes(config, batch_size, seq_len, precision, fused_head=fused_head)
     if checkpointing:
         residual = 2 if precision == "bf16-pure" else FP32
         boundary = batch_size * seq_len * config.d_model * residual
@@ -173,7 +192,8 @@ def activation_bytes(config: DecoderConfig, batch_size: int, seq_len: int, preci
         blocks = config.n_layers * boundary + block - shared
     else:
         blocks = config.n_layers * block
-    copies = 2 * matrix_parameters(config) if precision in AUTOCAST and weight_copies else 0
+    copied = matrix_parameters(config) - (config.vocab_size * config.d_model if fused_head else 0)
+    copies = 2 * copied if precision in AUTOCAST and weight_copies else 0
     return blocks + head + copies
 
 
@@ -184,13 +204,14 @@ def _shard(n_params: int, n_ranks: int, bytes_each: int) -> int:
 
 def estimate_memory(config: DecoderConfig, batch_size: int, seq_len: int | None = None, *,
                     precision: PrecisionName = "bf16", checkpointing: bool = False, zero_stage: int = 0,
-                    n_ranks: int = 1) -> MemoryEstimate:
+                    n_ranks: int = 1, fused_head: bool = False) -> MemoryEstimate:
     """Per-rank bytes of an AdamW training step of a GPT or Llama config.
 
     ``batch_size`` is the micro-batch of one rank, ``seq_len`` defaults to ``config.n_ctx``. ``zero_stage`` 0
     (plain data parallelism: every rank holds everything) to 3 shards optimizer states (1), gradients (2) and
     weights (3) over ``n_ranks``. Not counted: buffers (RoPE frequencies), DDP's gradient buckets, FSDP's transient
     gathered blocks, the gradients flowing through the backward, allocator fragmentation and the CUDA context.
+    ``fused_head``: the loss of the model's ``labels=`` path, the trainer's (no logits; see `head_activation_bytes`).
     """
     _check_config(config)
     _check_precision(precision)
@@ -207,7 +228,7 @@ def estimate_memory(config: DecoderConfig, batch_size: int, seq_len: int | None 
         grads=_shard(n, n_ranks, gb) if zero_stage >= 2 else n * gb,
         optimizer=_shard(n, n_ranks, ob) if zero_stage >= 1 else n * ob,
         activations=activation_bytes(config, batch_size, seq_len, precision, checkpointing=checkpointing,
-                                     weight_copies=zero_stage < 3),
+                                     weight_copies=zero_stage < 3, fused_head=fused_head),
     )
 
 

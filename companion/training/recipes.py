@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_model
 from torch import nn
 
-from companion.objectives import MaskingConfig, bert_pretraining_loss, causal_lm_loss, mask_tokens, nsp_pairs
+from companion.objectives import MaskingConfig, bert_pretraining_loss, mask_tokens, nsp_pairs
 from companion.pipeline import CausalLMCollator, PackConfig, PairCollator, tokenize_and_pack
 from companion.tokenization import CharTokenizer, load_tokenizer
 from companion.training.checkpoint import WEIGHTS, CheckpointError, load_weights
@@ -84,7 +84,8 @@ def build_model(task: str, model_fields: dict[str, Any]) -> nn.Module:
 
 # ----------------------------------------------------------------------------------- losses and collators
 def causal_lm_step(model: nn.Module, batch: dict[str, torch.Tensor], z_loss: float = 0.0) -> torch.Tensor:
-    return causal_lm_loss(model(batch["input_ids"]), batch["labels"], z_loss=z_loss)  # (B, T, V) vs (B, T)
+    """`causal_lm_loss` of the model's logits, computed by the model's fused head (``labels=``: no (B, T, V) logits)."""
+    return model(batch["input_ids"], labels=batch["labels"], z_loss=z_loss)
 
 
 def bert_step(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:

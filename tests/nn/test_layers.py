@@ -104,6 +104,21 @@ def test_norms_compute_in_float32_below_float64(dtype):
     randomise(rms, layer)
     h = x.to(torch.float32)
     expected_rms = (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + rms.eps) * rms.weight).to(dtype)
-    mean, var = h.mean(-1, keepdim=True), h.var(-1, keepdim=True, unbiased=False)
-    expected_layer = ((h - mean) * torch.rsqrt(var + layer.eps) * layer.weight + layer.bias).to(dtype)
+    expected_layer = F.layer_norm(h, (24,), layer.weight, layer.bias, layer.eps).to(dtype)  # one float32 kernel
     assert torch.equal(rms(x), expected_rms) and torch.equal(layer(x), expected_layer)
+    mean, var = h.mean(-1, keepdim=True), h.var(-1, keepdim=True, unbiased=False)
+    formula = ((h - mean) * torch.rsqrt(var + layer.eps) * layer.weight + layer.bias).to(dtype)
+    tol = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-3}[dtype]  # one rounding of the output
+    torch.testing.assert_close(layer(x).float(), formula.float(), rtol=tol, atol=tol * 10)
+
+
+def test_layernorm_saves_its_input_and_two_floats_per_token():
+    saved: list[torch.Tensor] = []
+    layer = LayerNorm(24)
+    x = torch.randn(3, 7, 24, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        layer(x)
+    params = {p.data_ptr() for p in layer.parameters()}
+    kept = [t for t in saved if t.data_ptr() not in params]
+    assert sorted(tuple(t.shape) for t in kept) == [(3, 7, 1), (3, 7, 1), (3, 7, 24)]  # mean, rstd, input
+    assert any(t.data_ptr() == x.data_ptr() for t in kept)  # the input itself, not a copy
