@@ -14,7 +14,8 @@ ratios, so drift of a shared machine hits all sides alike. MFU (PaLM, Appendix B
 `flops_per_token(config, head=True, full_attention=True)` per token, by the fp32 matmul peak measured here
 (`companion.training.throughput.measure_matmul_peak`, the same thread count), and for bf16 also by the bf16 matmul
 peak (a bf16 step can beat the fp32 peak). ``--profile`` adds torch.profiler's top
-operators of one step of ours and of the minimal model.
+operators of one step of ours and of the minimal model; ``--compile`` adds torch.compile'd copies of both, reported
+as separate rows (the targets are for eager mode).
 """
 
 from __future__ import annotations
@@ -155,6 +156,8 @@ def main() -> None:
                         choices=["ours", "ours-logits", "minimal", "transformers"],
                         help="implementations to time (ours-logits: our GPT with logits and causal_lm_loss)")
     parser.add_argument("--profile", action="store_true", help="also print torch.profiler's top operators")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time torch.compile'd copies of ours and the minimal model (reported separately)")
     parser.add_argument("--profile-top", type=int, default=12, help="operators listed per profile")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -172,6 +175,12 @@ def main() -> None:
         print(f"{name:<13} {n:,} parameters, first loss {first:.3f} (ln V = {math.log(CONFIG.vocab_size):.3f})")
         for p in precisions:
             steps[name, p] = make_step(model, loss_fn, optimizer, ids, p)
+        if args.compile and name != "transformers":  # a second copy of the same model, compiled (Inductor)
+            model, loss_fn = build(name)
+            compiled, optimizer = torch.compile(model), torch.optim.AdamW(model.parameters(), lr=3e-4)
+            for p in precisions:
+                steps[f"{name}+compile", p] = step = make_step(compiled, loss_fn, optimizer, ids, p)
+                step(), step()  # compile (the first call) and recompile-free check, outside the timed rounds
 
     report = environment_report()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
@@ -189,17 +198,17 @@ def main() -> None:
         for key in keys if r % 2 == 0 else keys[::-1]:
             rates[key].append(measure_throughput(steps[key], tokens, warmup=1, repeats=args.steps))
 
-    print(f"\n{'model':<13} {'precision':<9} {'tokens/s':>9} {'MFU vs fp32 peak':>17} {'vs own peak':>12}"
+    print(f"\n{'model':<16} {'precision':<9} {'tokens/s':>9} {'MFU vs fp32 peak':>17} {'vs own peak':>12}"
           f"  {'ours / this':>11}")
     for (name, p), values in rates.items():
         tps = statistics.median(values)
         ratio = statistics.median(a / b for a, b in zip(rates["ours", p], values)) if ("ours", p) in rates else math.nan
-        print(f"{name:<13} {p:<9} {tps:9,.0f} {100 * mfu(tps, per_token, peak['fp32']):16.1f}%"
+        print(f"{name:<16} {p:<9} {tps:9,.0f} {100 * mfu(tps, per_token, peak['fp32']):16.1f}%"
               f" {100 * mfu(tps, per_token, peak[p]):11.1f}%  {ratio:11.2f}")
     if hasattr(os, "getloadavg"):
         print(f"load average after the timed rounds {os.getloadavg()[0]:.1f} ({os.cpu_count()} CPUs)")
     if "bf16" in precisions:
-        for name in args.models:
+        for name in dict.fromkeys(name for name, _ in rates):
             speedup = statistics.median(b / a for a, b in zip(rates[name, "fp32"], rates[name, "bf16"]))
             print(f"bf16 / fp32 {name}: {speedup:.2f}x")
     if args.profile:

@@ -181,7 +181,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     if chunk_rows is not None and chunk_rows < 1:
         raise ValueError(f"chunk_rows must be positive, got {chunk_rows!r}")
     flat_labels = labels.reshape(-1)  # (N,)
-    if reduction == "mean" and not bool((flat_labels != ignore_index).any()):
+    # the check reads a value back (a graph break for torch.compile, which skips it: an all-ignored batch gives NaN)
+    if reduction == "mean" and not torch.compiler.is_compiling() and not bool((flat_labels != ignore_index).any()):
         raise ValueError(f"every label equals ignore_index={ignore_index}: the mean loss is undefined")
     grad = torch.is_grad_enabled()
     need_grad = (grad and hidden.requires_grad, grad and weight.requires_grad)

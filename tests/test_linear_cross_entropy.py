@@ -112,3 +112,17 @@ def test_errors_name_the_value():
         fused_causal_lm_loss(hidden[:, :1], weight, labels[:, :1])
     with pytest.raises(ValueError, match=r"expects hidden \(B, T, C\) and labels \(B, T\)"):
         fused_causal_lm_loss(hidden[0], weight, labels[0])
+
+
+def test_a_wrapped_head_falls_back_to_its_logits():
+    from companion.finetuning import LoRAConfig, apply_lora
+
+    torch.manual_seed(0)
+    model = apply_lora(GPT(replace(GPTConfig.tiny(), tie_embeddings=False)), LoRAConfig(targets=("lm_head",)))
+    with torch.no_grad():
+        model.lm_head.lora_B.normal_()  # a nonzero update: the plain weight alone would give another loss
+    ids = torch.randint(model.config.vocab_size, (2, 12))
+    loss = model(ids, labels=ids)
+    torch.testing.assert_close(loss, causal_lm_loss(model(ids), ids))
+    plain = causal_lm_loss(F.linear(model.features(ids), model.lm_head.weight), ids)  # without the LoRA update
+    assert (loss - plain).abs() > 1e-3

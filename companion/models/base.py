@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from companion.nn.attention import KVCache, KVCacheLike
+from companion.objectives import causal_lm_loss, fused_causal_lm_loss
 
 
 def check_length(t: int, n_ctx: int, offset: int = 0) -> None:
@@ -53,6 +54,14 @@ def padded_positions_and_mask(idx: torch.Tensor, attention_mask: torch.Tensor,
     allowed = causal & real[:, None, :]  # (B, T, S)
     allowed = allowed | ~allowed.any(dim=-1, keepdim=True)  # rows with no key: see all (finite, never read)
     return positions, allowed[:, None]  # (B, T), (B, 1, T, S)
+
+
+def lm_loss(hidden: torch.Tensor, lm_head: nn.Module, labels: torch.Tensor, z_loss: float = 0.0) -> torch.Tensor:
+    """The causal LM loss of ``lm_head(hidden)``: by `fused_causal_lm_loss` (no logits) when the head is a plain
+    bias-free nn.Linear, else from its logits (a LoRA, quantized or otherwise wrapped head computes its own output)."""
+    if type(lm_head) is nn.Linear and lm_head.bias is None:
+        return fused_causal_lm_loss(hidden, lm_head.weight, labels, z_loss=z_loss)
+    return causal_lm_loss(lm_head(hidden), labels, z_loss=z_loss)  # (B, T, V) vs (B, T)
 
 
 def init_weights(module: nn.Module, std: float = 0.02) -> None:

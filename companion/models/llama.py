@@ -16,12 +16,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from companion.models.base import init_weights, padded_positions_and_mask, start_position
+from companion.models.base import init_weights, lm_loss, padded_positions_and_mask, start_position
 from companion.nn.attention import Backend, KVCacheLike
 from companion.nn.block import BlockConfig, TransformerBlock
 from companion.nn.layers import RMSNorm
 from companion.nn.positional import RopeScaling
-from companion.objectives import fused_causal_lm_loss
 
 
 @dataclass(frozen=True)
@@ -110,11 +109,12 @@ class Llama(nn.Module):
     def forward(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 kv_caches: Sequence[KVCacheLike] | None = None, *, labels: torch.Tensor | None = None,
                 z_loss: float = 0.0) -> torch.Tensor:
-        """Logits (B, T, V); with ``labels`` (B, T) the causal LM loss instead, by `fused_causal_lm_loss` from the
-        final hidden states (no logits are formed; the training path of `companion.training`)."""
+        """Logits (B, T, V); with ``labels`` (B, T) the causal LM loss instead, from the final hidden states by
+        `companion.models.base.lm_loss` (the fused head: no logits are formed; the training path of
+        `companion.training`)."""
         hidden = self.features(idx, attention_mask, kv_caches)  # (B, T, C)
         if labels is not None:
-            return fused_causal_lm_loss(hidden, self.lm_head.weight, labels, z_loss=z_loss)
+            return lm_loss(hidden, self.lm_head, labels, z_loss)
         return self.lm_head(hidden)  # (B, T, V)
 
     def features(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None,
