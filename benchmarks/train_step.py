@@ -4,7 +4,7 @@ minimal nanoGPT-style model written here, on the same shape, in fp32 and under b
     .venv/bin/python benchmarks/train_step.py [--rounds 5] [--steps 3] [--threads 2] [--profile]
 
 Shape: 6 layers, 6 heads, width 384, context 256, vocabulary 8,000, batch 8, dropout 0, tied head (about 14M
-parameters). All use torch.optim.AdamW (lr 3e-4) and the next-token loss on T - 1 positions, each computed its own
+parameters). All use torch.optim.AdamW (lr 3e-4; ``--fused-adamw``: its fused kernel) and the next-token loss on T - 1 positions, each computed its own
 way: ours by the fused head of the trainer (``model(ids, labels=ids)``, `companion.objectives.linear_cross_entropy`),
 ``--models ours-logits`` by logits and `causal_lm_loss`, the minimal model by logits and shifted labels, transformers
 by ``labels=``. bf16 runs only where the CPU has bfloat16 instructions (`companion.runtime.cpu_has_native_bf16`).
@@ -156,6 +156,8 @@ def main() -> None:
                         choices=["ours", "ours-logits", "minimal", "transformers"],
                         help="implementations to time (ours-logits: our GPT with logits and causal_lm_loss)")
     parser.add_argument("--profile", action="store_true", help="also print torch.profiler's top operators")
+    parser.add_argument("--fused-adamw", action="store_true",
+                        help="AdamW(fused=True) for every model (default: PyTorch's default AdamW, a per-tensor loop)")
     parser.add_argument("--compile", action="store_true",
                         help="also time torch.compile'd copies of ours and the minimal model (reported separately)")
     parser.add_argument("--profile-top", type=int, default=12, help="operators listed per profile")
@@ -164,12 +166,13 @@ def main() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
     precisions = ["fp32", "bf16"] if cpu_has_native_bf16() else ["fp32"]
+    adamw = {"fused": True} if args.fused_adamw else {}
     ids = torch.randint(CONFIG.vocab_size, (args.batch_size, CONFIG.n_ctx), generator=torch.Generator().manual_seed(0))
     tokens = ids.numel()
     steps: dict[tuple[str, str], Callable[[], float]] = {}
     for name in args.models:
         model, loss_fn = build(name)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, **adamw)
         n = sum(p.numel() for p in model.parameters())
         first = make_step(model, loss_fn, optimizer, ids, "fp32")()
         print(f"{name:<13} {n:,} parameters, first loss {first:.3f} (ln V = {math.log(CONFIG.vocab_size):.3f})")
@@ -177,7 +180,7 @@ def main() -> None:
             steps[name, p] = make_step(model, loss_fn, optimizer, ids, p)
         if args.compile and name != "transformers":  # a second copy of the same model, compiled (Inductor)
             model, loss_fn = build(name)
-            compiled, optimizer = torch.compile(model), torch.optim.AdamW(model.parameters(), lr=3e-4)
+            compiled, optimizer = torch.compile(model), torch.optim.AdamW(model.parameters(), lr=3e-4, **adamw)
             for p in precisions:
                 steps[f"{name}+compile", p] = step = make_step(compiled, loss_fn, optimizer, ids, p)
                 step(), step()  # compile (the first call) and recompile-free check, outside the timed rounds
@@ -188,7 +191,8 @@ def main() -> None:
             for p in precisions}
     per_token = flops_per_token(CONFIG, head=True, full_attention=True)
     print(f"torch {report['torch']}, {args.threads} threads, {report['platform']}, load average {load:.1f}; "
-          f"batch {args.batch_size} x {CONFIG.n_ctx} = {tokens} tokens, {per_token / 1e6:.1f} MFLOPs/token")
+          f"batch {args.batch_size} x {CONFIG.n_ctx} = {tokens} tokens, {per_token / 1e6:.1f} MFLOPs/token; "
+          f"AdamW {'fused' if args.fused_adamw else 'default (a per-tensor loop on CPU)'}")
     print(f"matmul peak (1024^3): " + ", ".join(f"{p} {v / 1e9:.0f} GFLOP/s" for p, v in peak.items())
           + ("" if "bf16" in precisions else "; this CPU has no bfloat16 instructions: bf16 not timed"))
 
