@@ -64,6 +64,26 @@ def lm_loss(hidden: torch.Tensor, lm_head: nn.Module, labels: torch.Tensor, z_lo
     return causal_lm_loss(lm_head(hidden), labels, z_loss=z_loss)  # (B, T, V) vs (B, T)
 
 
+class CausalLM(nn.Module):
+    """A decoder-only language model: subclasses define ``features`` (final hidden states) and ``lm_head``."""
+
+    lm_head: nn.Module
+
+    def features(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 kv_caches: Sequence[KVCacheLike] | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                kv_caches: Sequence[KVCacheLike] | None = None, *, labels: torch.Tensor | None = None,
+                z_loss: float = 0.0) -> torch.Tensor:
+        """Logits (B, T, V); with ``labels`` (B, T) the causal LM loss instead, from the final hidden states by
+        `lm_loss` (the fused head: no logits are formed; the training path of `companion.training`)."""
+        hidden = self.features(idx, attention_mask, kv_caches)  # (B, T, C)
+        if labels is not None:
+            return lm_loss(hidden, self.lm_head, labels, z_loss)
+        return self.lm_head(hidden)  # (B, T, V)
+
+
 def init_weights(module: nn.Module, std: float = 0.02) -> None:
     """GPT-2/BERT initialisation: N(0, std) for linear and embedding weights, zero biases (norms keep ones/zeros)."""
     if isinstance(module, nn.Linear):

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from companion.models.base import init_weights, lm_loss, padded_positions_and_mask, start_position
+from companion.models.base import CausalLM, init_weights, padded_positions_and_mask, start_position
 from companion.nn.attention import Backend, KVCacheLike
 from companion.nn.block import BlockConfig, TransformerBlock
 from companion.nn.layers import FFNKind, LayerNorm
@@ -74,8 +74,8 @@ class GPTConfig:
         return cls(n_layers=48, d_model=1600, n_heads=25)  # 1558M
 
 
-class GPT(nn.Module):
-    """forward(idx (B, T), attention_mask=None, kv_caches=None) -> logits (B, T, V).
+class GPT(CausalLM):
+    """forward(idx (B, T), attention_mask=None, kv_caches=None) -> logits (B, T, V); with ``labels=`` the loss.
 
     ``attention_mask`` (B, S), S = cached + new positions, marks real tokens with 1 and padding with 0 (see
     `companion.models.base.padded_positions_and_mask`); a left-padded row then gives the logits of the row alone.
@@ -101,17 +101,6 @@ class GPT(nn.Module):
 
     def _moe(self) -> MoE | None:
         return None if self.config.moe is None else MoE(self.config.d_model, self.config.moe)
-
-    def forward(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                kv_caches: Sequence[KVCacheLike] | None = None, *, labels: torch.Tensor | None = None,
-                z_loss: float = 0.0) -> torch.Tensor:
-        """Logits (B, T, V); with ``labels`` (B, T) the causal LM loss instead, from the final hidden states by
-        `companion.models.base.lm_loss` (the fused head: no logits are formed; the training path of
-        `companion.training`)."""
-        hidden = self.features(idx, attention_mask, kv_caches)  # (B, T, C)
-        if labels is not None:
-            return lm_loss(hidden, self.lm_head, labels, z_loss)
-        return self.lm_head(hidden)  # (B, T, V)
 
     def features(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  kv_caches: Sequence[KVCacheLike] | None = None) -> torch.Tensor:

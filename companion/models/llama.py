@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from companion.models.base import init_weights, lm_loss, padded_positions_and_mask, start_position
+from companion.models.base import CausalLM, init_weights, padded_positions_and_mask, start_position
 from companion.nn.attention import Backend, KVCacheLike
 from companion.nn.block import BlockConfig, TransformerBlock
 from companion.nn.layers import RMSNorm
@@ -88,8 +88,8 @@ class LlamaConfig:
                    rope_scaling=RopeScaling.llama3())  # 8.03B
 
 
-class Llama(nn.Module):
-    """forward(idx (B, T), attention_mask=None, kv_caches=None) -> logits (B, T, V).
+class Llama(CausalLM):
+    """forward(idx (B, T), attention_mask=None, kv_caches=None) -> logits (B, T, V); with ``labels=`` the loss.
 
     ``attention_mask`` (B, S), S = cached + new positions, marks real tokens with 1 and padding with 0 (see
     `companion.models.base.padded_positions_and_mask`): RoPE then counts positions from each row's first real token.
@@ -105,17 +105,6 @@ class Llama(nn.Module):
         self.apply(init_weights)
         if config.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
-
-    def forward(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                kv_caches: Sequence[KVCacheLike] | None = None, *, labels: torch.Tensor | None = None,
-                z_loss: float = 0.0) -> torch.Tensor:
-        """Logits (B, T, V); with ``labels`` (B, T) the causal LM loss instead, from the final hidden states by
-        `companion.models.base.lm_loss` (the fused head: no logits are formed; the training path of
-        `companion.training`)."""
-        hidden = self.features(idx, attention_mask, kv_caches)  # (B, T, C)
-        if labels is not None:
-            return lm_loss(hidden, self.lm_head, labels, z_loss)
-        return self.lm_head(hidden)  # (B, T, V)
 
     def features(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  kv_caches: Sequence[KVCacheLike] | None = None) -> torch.Tensor:
