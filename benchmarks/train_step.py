@@ -4,16 +4,16 @@ minimal nanoGPT-style model written here, on the same shape, in fp32 and under b
     .venv/bin/python benchmarks/train_step.py [--rounds 5] [--steps 3] [--threads 2] [--profile]
 
 Shape: 6 layers, 6 heads, width 384, context 256, vocabulary 8,000, batch 8, dropout 0, tied head (about 14M
-parameters). All use torch.optim.AdamW (lr 3e-4; ``--fused-adamw``: its fused kernel) and the next-token loss on T - 1 positions, each computed its own
-way: ours by the fused head of the trainer (``model(ids, labels=ids)``, `companion.objectives.linear_cross_entropy`),
-``--models ours-logits`` by logits and `causal_lm_loss`, the minimal model by logits and shifted labels, transformers
-by ``labels=``. bf16 runs only where the CPU has bfloat16 instructions (`companion.runtime.cpu_has_native_bf16`).
-The norms are nn.LayerNorm's kernel in all three (ours: `companion.nn.LayerNorm`). Each round times every
-(model, precision) once, in alternating order; reported are the medians over rounds of tokens/s and of the per-round
-ratios, so drift of a shared machine hits all sides alike. MFU (PaLM, Appendix B) divides the model FLOP/s,
-`flops_per_token(config, head=True, full_attention=True)` per token, by the fp32 matmul peak measured here
-(`companion.training.throughput.measure_matmul_peak`, the same thread count), and for bf16 also by the bf16 matmul
-peak (a bf16 step can beat the fp32 peak). ``--profile`` adds torch.profiler's top
+parameters). All use torch.optim.AdamW (lr 3e-4; ``--fused-adamw``: its fused kernel) and the next-token loss on
+T - 1 positions, each computed its own way: ours by the fused head of the trainer (``model(ids, labels=ids)``,
+`companion.objectives.linear_cross_entropy`), ``--models ours-logits`` by logits and `causal_lm_loss`, the minimal
+model by logits and shifted labels, transformers by ``labels=``. bf16 runs only where the CPU has bfloat16
+instructions (`companion.runtime.cpu_has_native_bf16`). The norms are nn.LayerNorm's kernel in all three (ours:
+`companion.nn.LayerNorm`). Each round times every (model, precision) once, in alternating order; reported are the
+medians over rounds of tokens/s and of the per-round ratios, so drift of a shared machine hits all sides alike. MFU
+(PaLM, Appendix B) divides the model FLOP/s, `flops_per_token(config, head=True, full_attention=True)` per token, by
+the fp32 matmul peak measured here (`companion.training.throughput.measure_matmul_peak`, the same thread count), and
+for bf16 also by the bf16 matmul peak (a bf16 step can beat the fp32 peak). ``--profile`` adds torch.profiler's top
 operators of one step of ours and of the minimal model; ``--compile`` adds torch.compile'd copies of both, reported
 as separate rows (the targets are for eager mode).
 """
@@ -183,7 +183,7 @@ def main() -> None:
             compiled, optimizer = torch.compile(model), torch.optim.AdamW(model.parameters(), lr=3e-4, **adamw)
             for p in precisions:
                 steps[f"{name}+compile", p] = step = make_step(compiled, loss_fn, optimizer, ids, p)
-                step(), step()  # compile (the first call) and recompile-free check, outside the timed rounds
+                step(), step()  # the first call compiles; both run outside the timed rounds
 
     report = environment_report()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")

@@ -164,7 +164,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
 
     hidden: (..., C) final hidden states; weight: (V, C), the output head (a tied embedding); labels: (...). Rows are
     processed ``chunk_rows`` at a time (default `default_chunk_rows`), and the gradients are formed in the same pass
-    (the fused linear cross-entropy of Liger Kernel, Hsu et al., 2024, and Cut Cross-Entropy, Wijmans et al., 2025):
+    (the fused linear cross-entropy of Liger Kernel, Hsu et al., 2024; Cut Cross-Entropy, Wijmans et al., 2025,
+    recomputes the logits in the backward instead of saving d weight):
     the memory of the head falls from N x V float32 logits and their log-softmax to d hidden and d weight, and a CPU
     training step saves the log-softmax's passes over N x V memory (`benchmarks/train_step.py`). Equal to the plain
     loss and its gradients to float rounding (tests). The gradients cost two matrix products in the forward, which is

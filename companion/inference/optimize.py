@@ -12,11 +12,11 @@ and on how many cores work on it. Measured on the book's reference CPU (AMD EPYC
 
 The rest of a step is dispatch overhead, cut by fewer, larger kernels: one q/k/v matmul instead of three
 (`fuse_qkv`), one RMSNorm kernel instead of five elementwise ops (`LayerNorm` is one kernel already), no dropout
-calls. `optimize_for_decoding` does all
-of it in place, the way ``ipex.optimize`` does: it changes the class of modules and the memory layout of wide
-weights, and lets q/k/v share one matrix; parameters, tied weights and ``state_dict`` keep their names, shapes and
-values, and only ``forward`` differs. Results agree with the plain modules to float32 rounding (tests), not bit for
-bit: another layout is another kernel. `restore_modules` undoes it (before training).
+calls. `optimize_for_decoding` does all of it in place, the way ``ipex.optimize`` does: it changes the class of
+modules and the memory layout of wide weights, and lets q/k/v share one matrix; parameters, tied weights and
+``state_dict`` keep their names, shapes and values, and only ``forward`` differs. Results agree with the plain
+modules to float32 rounding (tests), not bit for bit: another layout is another kernel. `restore_modules` undoes it
+(before training).
 """
 
 from __future__ import annotations
@@ -185,10 +185,9 @@ def optimize_for_decoding(model: nn.Module, *, linear: LinearKernel = "auto", no
 
     ``linear``: "auto" stores every wide nn.Linear weight (out >= in) `column_major` (on CPU) and makes every
     nn.Linear a `SplitLinear`; "torch" leaves them as they are. ``norms``: RMSNorm / Dropout become `FusedRMSNorm` /
-    `EvalDropout`. ``qkv``: self-attention layers get `fuse_qkv` (or
-    `fuse_int8_qkv` for int8 projections). Modules of other classes (quantized or LoRA layers, subclasses) are left
-    alone otherwise, so quantize first. Call it after moving the model to its device and dtype; `restore_modules`
-    undoes it.
+    `EvalDropout`. ``qkv``: self-attention layers get `fuse_qkv` (or `fuse_int8_qkv` for int8 projections).
+    Modules of other classes (quantized or LoRA layers, subclasses) are left alone otherwise, so quantize first. Call
+    it after moving the model to its device and dtype; `restore_modules` undoes it.
     """
     if linear not in ("auto", "torch"):
         raise ValueError(f"linear must be 'auto' or 'torch', got {linear!r}")
