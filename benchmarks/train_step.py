@@ -14,8 +14,10 @@ medians over rounds of tokens/s and of the per-round ratios, so drift of a share
 (PaLM, Appendix B) divides the model FLOP/s, `flops_per_token(config, head=True, full_attention=True)` per token, by
 the fp32 matmul peak measured here (`companion.training.throughput.measure_matmul_peak`, the same thread count), and
 for bf16 also by the bf16 matmul peak (a bf16 step can beat the fp32 peak). ``--profile`` adds torch.profiler's top
-operators of one step of ours and of the minimal model; ``--compile`` adds torch.compile'd copies of both, reported
-as separate rows (the targets are for eager mode).
+operators of one step of each model and the bound they set: the share of ours' step spent in matrix products and
+attention kernels, which no rewrite of the same model skips, and the ratios ours would reach with nothing else.
+``--compile`` adds torch.compile'd copies of ours and the minimal model, reported as separate rows (the targets are
+for eager mode).
 """
 
 from __future__ import annotations
@@ -130,20 +132,32 @@ def make_step(model: nn.Module, loss_fn, optimizer: torch.optim.Optimizer, ids: 
     return step
 
 
-def profile(steps: dict[str, Callable[[], float]], top: int) -> None:
+# the kernels no implementation of the same model can skip: its matrix products and the attention itself
+FLOOR_OPS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm",
+             "aten::_scaled_dot_product_flash_attention_for_cpu",
+             "aten::_scaled_dot_product_flash_attention_for_cpu_backward")
+
+
+def profile(steps: dict[str, Callable[[], float]], top: int) -> dict[str, float]:
+    """Print torch.profiler's top operators of one step each; return the share of each step's self CPU time spent
+    in `FLOOR_OPS`."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
+    floors = {}
     for name, step in steps.items():
         step()  # warm-up outside the trace
         with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
             step()
         events = prof.key_averages()
         total = sum(e.self_cpu_time_total for e in events)
-        print(f"\nprofile {name}: {total / 1e3:,.0f} ms self CPU in one step; top {top} operators")
+        floors[name] = sum(e.self_cpu_time_total for e in events if e.key in FLOOR_OPS) / total
+        print(f"\nprofile {name}: {total / 1e3:,.0f} ms self CPU in one step, {100 * floors[name]:.0f}% in matrix "
+              f"products and attention kernels; top {top} operators")
         for e in sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]:
             print(f"  {e.key:<44} {e.self_cpu_time_total / 1e3:8.1f} ms {100 * e.self_cpu_time_total / total:5.1f}%"
                   f"  calls {e.count}")
+    return floors
 
 
 def main() -> None:
@@ -216,8 +230,14 @@ def main() -> None:
             speedup = statistics.median(b / a for a, b in zip(rates[name, "fp32"], rates[name, "bf16"]))
             print(f"bf16 / fp32 {name}: {speedup:.2f}x")
     if args.profile:
-        profile({f"{name} {p}": steps[name, p] for name in ("ours", "minimal") if name in args.models
-                 for p in precisions}, args.profile_top)
+        floors = profile({f"{name} {p}": steps[name, p] for name in ("ours", "minimal", "transformers")
+                          if name in args.models for p in precisions}, args.profile_top)
+        if "ours" in args.models:  # an upper bound on any speed-up of ours that keeps the model and its kernels
+            print("\nours with nothing but its matrix products and attention kernels would run at most:")
+            for p in precisions:
+                floor_rate = statistics.median(rates["ours", p]) / floors[f"ours {p}"]  # tokens/s
+                print(f"  {p}: " + ", ".join(f"{floor_rate / statistics.median(rates[name, p]):.2f}x {name}"
+                                             for name in args.models if (name, p) in rates))
 
 
 if __name__ == "__main__":

@@ -116,36 +116,52 @@ class _LinearCrossEntropy(torch.autograd.Function):
         acc = torch.promote_types(dtype, torch.float32)  # softmax, loss and d weight accumulate here
         with torch.autocast(hidden.device.type, enabled=False):
             h_all, w = hidden.to(dtype), weight.to(dtype)  # (N, C), (V, C)
+            counted_all = labels != ignore_index  # (N,)
+            # each row's weight in the loss: 0 if ignored, else 1 / (counted rows) for the mean, 1 for the sum.
+            # Folded into d loss / d logits, so d hidden and d weight need no pass of their own; but float16 would
+            # flush softmax / N to zero (its smallest normal is 6e-5), so there the mean scales them afterwards.
+            row_weight = counted_all.to(acc)  # (N,)
+            scale = 1 / counted_all.sum().to(acc) if mean else None
+            wide = torch.finfo(dtype).tiny <= torch.finfo(torch.float32).tiny  # float32's exponent range
+            if scale is not None and wide:
+                row_weight, scale = row_weight * scale, None
             total = torch.zeros((), dtype=acc, device=hidden.device)
             grad_h = torch.empty_like(hidden) if need_grad[0] else None  # (N, C)
-            grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_grad[1] else None  # (V, C)
+            grad_w = None  # (V, C) in acc, written by the first chunk and accumulated in place by the others
             for start in range(0, hidden.shape[0], chunk):
                 h, y = h_all[start:start + chunk], labels[start:start + chunk]  # (n, C), (n,)
+                r = row_weight[start:start + chunk]  # (n,)
                 logits = (h @ w.t()).to(acc)  # (n, V)
                 log_z = torch.logsumexp(logits, dim=-1)  # (n,)
-                counted = y != ignore_index  # (n,)
+                counted = counted_all[start:start + chunk]  # (n,)
                 target = y.masked_fill(~counted, 0)  # (n,): a valid index on ignored rows, which count 0
                 row = log_z - logits.gather(1, target[:, None])[:, 0]  # (n,) -log p(y)
                 if z_loss:
                     row = row + z_loss * log_z.square()
-                total += row.masked_fill(~counted, 0).sum()
-                if grad_h is None and grad_w is None:
+                total += (row * r).masked_fill(~counted, 0).sum()
+                if not (need_grad[0] or need_grad[1]):
                     continue
                 g = logits.sub_(log_z[:, None]).exp_()  # (n, V) softmax, in place of the logits
-                if z_loss:
-                    g.mul_((1 + 2 * z_loss * log_z)[:, None])
-                g[torch.arange(g.shape[0], device=g.device), target] -= 1
-                g.mul_(counted[:, None].to(acc))  # ignored rows contribute nothing
+                g.mul_((r * (1 + 2 * z_loss * log_z) if z_loss else r)[:, None])
+                g[torch.arange(g.shape[0], device=g.device), target] -= r  # d loss / d logits, row weight included
                 g = g.to(dtype)
                 if grad_h is not None:
-                    grad_h[start:start + chunk] = g @ w  # (n, C)
-                if grad_w is not None:
-                    grad_w += g.t() @ h  # (V, C)
-        if mean:  # divide by the number of counted rows (the loss and both gradients)
-            scale = 1 / labels.ne(ignore_index).sum().to(acc)
-            total = total * scale
-            grad_h = None if grad_h is None else grad_h.mul_(scale.to(grad_h.dtype))
-            grad_w = None if grad_w is None else grad_w.mul_(scale)
+                    rows = grad_h[start:start + chunk]  # (n, C), written in place
+                    if dtype == hidden.dtype:
+                        torch.mm(g, w, out=rows)
+                    else:
+                        rows.copy_(g @ w)
+                if need_grad[1]:
+                    if grad_w is None:
+                        grad_w = (g.t() @ h).to(acc)  # (V, C)
+                    elif dtype == acc:
+                        grad_w.addmm_(g.t(), h)  # one product, accumulated in place
+                    else:
+                        grad_w += g.t() @ h  # a bfloat16/float16 product added into the float32 sum
+            if scale is not None:  # float16: the mean's 1 / N, applied to the float32 results
+                grad_h = None if grad_h is None else grad_h.mul_(scale.to(grad_h.dtype))
+                grad_w = None if grad_w is None else grad_w.mul_(scale)
+                total = total * scale
         ctx.save_for_backward(grad_h, None if grad_w is None else grad_w.to(weight.dtype))
         return total.to(torch.promote_types(hidden.dtype, torch.float32))
 
@@ -153,8 +169,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss):  # noqa: D102
         grad_h, grad_w = ctx.saved_tensors
-        return (None if grad_h is None else grad_h * grad_loss.to(grad_h.dtype),
-                None if grad_w is None else grad_w * grad_loss.to(grad_w.dtype), None, None, None, None, None, None)
+        # the loss is usually the whole objective (d loss = 1): then the saved gradients are the answer, as they are
+        if torch.compiler.is_compiling() or not bool(grad_loss == 1):
+            grad_h = None if grad_h is None else grad_h * grad_loss.to(grad_h.dtype)
+            grad_w = None if grad_w is None else grad_w * grad_loss.to(grad_w.dtype)
+        return grad_h, grad_w, None, None, None, None, None, None
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,

@@ -61,6 +61,34 @@ def test_float32_and_bf16_autocast_agree_with_the_plain_head():
         assert ((a - b).norm() / b.norm()).item() < 1e-2  # bf16 has 8 bits: relative error ~ 2^-8 per product
 
 
+def test_float16_autocast_does_not_flush_the_mean_to_zero():
+    # N = 16,320 rows of near-uniform softmax: d loss / d logits = (p - onehot) / N is ~2e-7, below float16's
+    # smallest normal (6e-5). Scaled before the float16 products it loses its bits (relative error 7e-3 measured);
+    # the mean must scale after them (3e-4)
+    hidden, weight, labels = _case(torch.float32, b=64, t=256, c=32, v=300)
+    with torch.no_grad():
+        weight.mul_(0.05)
+    with torch.autocast("cpu", dtype=torch.float16):
+        ours, plain = fused_causal_lm_loss(hidden, weight, labels), causal_lm_loss(F.linear(hidden, weight), labels)
+    reference = causal_lm_loss(F.linear(hidden, weight), labels)  # float32
+    torch.testing.assert_close(ours, reference, rtol=1e-3, atol=1e-3)
+    for a, b in zip(_grads(ours, hidden, weight), _grads(reference, hidden, weight)):
+        assert ((a - b).norm() / b.norm()).item() < 2e-3  # float16 has 11 bits
+
+
+def test_micro_batches_accumulate_in_grad():
+    hidden, weight, labels = _case(torch.float32, b=4, t=16, c=8, v=40)
+    for part in (slice(0, 2), slice(2, 4)):  # two backward passes into the same .grad
+        (0.5 * fused_causal_lm_loss(hidden[part], weight, labels[part])).backward()
+        fused_causal_lm_loss(hidden[part], weight, labels[part]).backward()
+    ours = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    for part in (slice(0, 2), slice(2, 4)):
+        (1.5 * causal_lm_loss(F.linear(hidden[part], weight), labels[part])).backward()
+    for a, b in zip(ours, (hidden.grad, weight.grad)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
 def test_no_gradients_formed_without_grad():
     hidden, weight, labels = _case()
     with torch.no_grad():
