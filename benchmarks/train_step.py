@@ -13,11 +13,12 @@ instructions (`companion.runtime.cpu_has_native_bf16`). The norms are nn.LayerNo
 medians over rounds of tokens/s and of the per-round ratios, so drift of a shared machine hits all sides alike. MFU
 (PaLM, Appendix B) divides the model FLOP/s, `flops_per_token(config, head=True, full_attention=True)` per token, by
 the fp32 matmul peak measured here (`companion.training.throughput.measure_matmul_peak`, the same thread count), and
-for bf16 also by the bf16 matmul peak (a bf16 step can beat the fp32 peak). ``--profile`` adds torch.profiler's top
-operators of one step of each model and the bound they set: the share of ours' step spent in matrix products and
-attention kernels, which no rewrite of the same model skips, and the ratios ours would reach with nothing else.
-``--compile`` adds torch.compile'd copies of ours and the minimal model, reported as separate rows (the targets are
-for eager mode).
+for bf16 also by the bf16 matmul peak (a bf16 step can beat the fp32 peak). The peaks are measured in every round
+and each round's MFU uses its own, so a busy neighbour lowers both sides of the ratio. ``--profile`` adds
+torch.profiler's top operators of one step of each model and the bound they set: the share of ours' step spent in
+matrix products and attention kernels, which no rewrite of the same model skips, and the ratios ours would reach
+with nothing else. ``--compile`` adds torch.compile'd copies of ours and the minimal model, reported as separate
+rows (the targets are for eager mode).
 """
 
 from __future__ import annotations
@@ -201,28 +202,36 @@ def main() -> None:
 
     report = environment_report()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    peak = {p: measure_matmul_peak(torch.float32 if p == "fp32" else torch.bfloat16, n=1024, repeats=10)
-            for p in precisions}
     per_token = flops_per_token(CONFIG, head=True, full_attention=True)
     print(f"torch {report['torch']}, {args.threads} threads, {report['platform']}, load average {load:.1f}; "
           f"batch {args.batch_size} x {CONFIG.n_ctx} = {tokens} tokens, {per_token / 1e6:.1f} MFLOPs/token; "
-          f"AdamW {'fused' if args.fused_adamw else 'default (a per-tensor loop on CPU)'}")
-    print(f"matmul peak (1024^3): " + ", ".join(f"{p} {v / 1e9:.0f} GFLOP/s" for p, v in peak.items())
+          f"AdamW {'fused' if args.fused_adamw else 'default (a per-tensor loop on CPU)'}"
           + ("" if "bf16" in precisions else "; this CPU has no bfloat16 instructions: bf16 not timed"))
 
+    def measure_peaks() -> dict[str, float]:  # the matmul peak of each precision, measured once per round
+        return {p: measure_matmul_peak(torch.float32 if p == "fp32" else torch.bfloat16, n=1024, repeats=10)
+                for p in precisions}
+
     rates: dict[tuple[str, str], list[float]] = {key: [] for key in steps}
+    peaks: list[dict[str, float]] = []
     keys = list(steps)
     for r in range(args.rounds):
+        peaks.append(measure_peaks())
         for key in keys if r % 2 == 0 else keys[::-1]:
             rates[key].append(measure_throughput(steps[key], tokens, warmup=1, repeats=args.steps))
 
+    def round_mfu(key: tuple[str, str], peak: str) -> float:  # median over rounds of a round's rate / its peak
+        return statistics.median(mfu(rate, per_token, at[peak]) for rate, at in zip(rates[key], peaks))
+
+    print("matmul peak (1024^3, median of one measurement per round): "
+          + ", ".join(f"{p} {statistics.median(q[p] for q in peaks) / 1e9:.0f} GFLOP/s" for p in precisions))
     print(f"\n{'model':<16} {'precision':<9} {'tokens/s':>9} {'MFU vs fp32 peak':>17} {'vs own peak':>12}"
           f"  {'ours / this':>11}")
     for (name, p), values in rates.items():
         tps = statistics.median(values)
         ratio = statistics.median(a / b for a, b in zip(rates["ours", p], values)) if ("ours", p) in rates else math.nan
-        print(f"{name:<16} {p:<9} {tps:9,.0f} {100 * mfu(tps, per_token, peak['fp32']):16.1f}%"
-              f" {100 * mfu(tps, per_token, peak[p]):11.1f}%  {ratio:11.2f}")
+        print(f"{name:<16} {p:<9} {tps:9,.0f} {100 * round_mfu((name, p), 'fp32'):16.1f}%"
+              f" {100 * round_mfu((name, p), p):11.1f}%  {ratio:11.2f}")
     if hasattr(os, "getloadavg"):
         print(f"load average after the timed rounds {os.getloadavg()[0]:.1f} ({os.cpu_count()} CPUs)")
     if "bf16" in precisions:
