@@ -2,6 +2,7 @@
 and a notebook executed from its own folder and from another folder gives the committed outputs."""
 
 import copy
+import json
 import os
 import re
 import shutil
@@ -38,6 +39,9 @@ def test_notebook_conventions(path):
     assert setup.cell_type == "code" and setup.source == SETUP_CELL, "cell 2 must be tools/notebooks.py's SETUP_CELL"
     assert "hide-input" in setup.metadata.get("tags", []), "the setup cell is collapsed in the book (tag hide-input)"
     assert nb.metadata["kernelspec"]["name"] == "python3"
+    # nbformat 4.5 cell ids, read from the file (nbformat.read fills in missing ones with a warning, an error to come)
+    ids = [c.get("id") for c in json.loads(Path(path).read_text(encoding="utf-8"))["cells"]]
+    assert all(ids) and len(set(ids)) == len(ids), f"cells {[i for i, x in enumerate(ids) if not x]} lack an id"
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert all(c.get("execution_count") for c in code), "every code cell must be executed (outputs committed)"
     for cell in code:
