@@ -41,7 +41,8 @@ def test_notebook_conventions(path):
     assert nb.metadata["kernelspec"]["name"] == "python3"
     # nbformat 4.5 cell ids, read from the file (nbformat.read fills in missing ones with a warning, an error to come)
     ids = [c.get("id") for c in json.loads(Path(path).read_text(encoding="utf-8"))["cells"]]
-    assert all(ids) and len(set(ids)) == len(ids), f"cells {[i for i, x in enumerate(ids) if not x]} lack an id"
+    assert all(ids), f"cells {[i for i, x in enumerate(ids) if not x]} lack an id"
+    assert len(set(ids)) == len(ids), f"repeated cell ids: {sorted({x for x in ids if ids.count(x) > 1})}"
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert all(c.get("execution_count") for c in code), "every code cell must be executed (outputs committed)"
     for cell in code:
